@@ -1,0 +1,249 @@
+"""The Whisper encoder-decoder Transformer with explicit, batchable decoder caches.
+
+Parameter names follow OpenAI's checkpoints, so their ``model_state_dict`` loads directly; the other
+weight formats are renamed into this layout by :mod:`streaming.weights`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+@dataclass(frozen=True)
+class ModelDims:
+    n_mels: int
+    n_audio_ctx: int
+    n_audio_state: int
+    n_audio_head: int
+    n_audio_layer: int
+    n_vocab: int
+    n_text_ctx: int
+    n_text_state: int
+    n_text_head: int
+    n_text_layer: int
+
+
+def sinusoids(length: int, channels: int, max_timescale: float = 10000.0) -> Tensor:
+    """The encoder's fixed sinusoidal position embedding, [length, channels]."""
+    inv = torch.exp(-math.log(max_timescale) / (channels // 2 - 1) * torch.arange(channels // 2))
+    angles = torch.arange(length)[:, None] * inv[None, :]
+    return torch.cat([angles.sin(), angles.cos()], dim=1)
+
+
+@dataclass
+class KVCache:
+    """Decoder state for a batch of token sequences.
+
+    ``self_kv`` grows by one entry per decoded position; ``cross_kv`` is computed once from the audio
+    features. Tensors are [batch, heads, time, head_dim]. ``audio_mask`` (optional, [batch, audio_ctx],
+    True = keep) hides padding when streams with different audio lengths share a batch.
+    """
+
+    self_kv: list[tuple[Tensor, Tensor]]
+    cross_kv: list[tuple[Tensor, Tensor]]
+    audio_mask: Tensor | None = None
+
+    @property
+    def length(self) -> int:
+        return self.self_kv[0][0].shape[2] if self.self_kv else 0
+
+    @property
+    def batch_size(self) -> int:
+        return self.cross_kv[0][0].shape[0]
+
+    def select(self, index: Tensor) -> KVCache:
+        """Rows ``index`` of the batch (beam reordering, splitting a batch back into streams)."""
+        pick = lambda kv: (kv[0].index_select(0, index), kv[1].index_select(0, index))  # noqa: E731
+        mask = None if self.audio_mask is None else self.audio_mask.index_select(0, index)
+        return KVCache([pick(kv) for kv in self.self_kv], [pick(kv) for kv in self.cross_kv], mask)
+
+    def trim(self, length: int) -> KVCache:
+        """Keep only the first ``length`` decoded positions (e.g. the committed prefix)."""
+        kept = [(k[:, :, :length], v[:, :, :length]) for k, v in self.self_kv] if length else []
+        return KVCache(kept, self.cross_kv, self.audio_mask)
+
+    def nbytes(self) -> int:
+        tensors = [t for kv in self.self_kv + self.cross_kv for t in kv]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+
+class LayerNorm(nn.LayerNorm):
+    def forward(self, x: Tensor) -> Tensor:
+        return super().forward(x.float()).type(x.dtype)
+
+
+class MultiHeadAttention(nn.Module):
+    def __init__(self, n_state: int, n_head: int):
+        super().__init__()
+        self.n_head = n_head
+        self.query = nn.Linear(n_state, n_state)
+        self.key = nn.Linear(n_state, n_state, bias=False)
+        self.value = nn.Linear(n_state, n_state)
+        self.out = nn.Linear(n_state, n_state)
+
+    def heads(self, x: Tensor) -> Tensor:
+        b, t, _ = x.shape
+        return x.view(b, t, self.n_head, -1).transpose(1, 2)
+
+    def project_kv(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        return self.heads(self.key(x)), self.heads(self.value(x))
+
+    def attend(
+        self, x: Tensor, kv: tuple[Tensor, Tensor], mask: Tensor | None, causal_offset: int | None,
+        want_weights: bool = False,
+    ) -> tuple[Tensor, Tensor | None]:
+        """Attention of queries from ``x`` over ``kv``. ``causal_offset`` is the number of cached
+        positions before ``x`` (None: no causal mask). Returns output and, if asked, the weights."""
+        q = self.heads(self.query(x))
+        k, v = kv
+        t_q, t_k = q.shape[2], k.shape[2]
+        if causal_offset is not None and t_q > 1:
+            causal = torch.ones(t_q, t_k, dtype=torch.bool, device=x.device).tril(causal_offset)
+            mask = causal if mask is None else mask & causal
+        if want_weights:
+            scores = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
+            if mask is not None:
+                scores = scores.masked_fill(~mask, float("-inf"))
+            weights = scores.float().softmax(dim=-1).to(q.dtype)
+            out = weights @ v
+        else:
+            weights = None
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        b, h, t, d = out.shape
+        return self.out(out.transpose(1, 2).reshape(b, t, h * d)), weights
+
+
+class EncoderBlock(nn.Module):
+    def __init__(self, n_state: int, n_head: int):
+        super().__init__()
+        self.attn = MultiHeadAttention(n_state, n_head)
+        self.attn_ln = LayerNorm(n_state)
+        self.mlp = nn.Sequential(nn.Linear(n_state, 4 * n_state), nn.GELU(), nn.Linear(4 * n_state, n_state))
+        self.mlp_ln = LayerNorm(n_state)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.attn_ln(x)
+        x = x + self.attn.attend(h, self.attn.project_kv(h), None, None)[0]
+        return x + self.mlp(self.mlp_ln(x))
+
+
+class DecoderBlock(nn.Module):
+    def __init__(self, n_state: int, n_head: int):
+        super().__init__()
+        self.attn = MultiHeadAttention(n_state, n_head)
+        self.attn_ln = LayerNorm(n_state)
+        self.cross_attn = MultiHeadAttention(n_state, n_head)
+        self.cross_attn_ln = LayerNorm(n_state)
+        self.mlp = nn.Sequential(nn.Linear(n_state, 4 * n_state), nn.GELU(), nn.Linear(4 * n_state, n_state))
+        self.mlp_ln = LayerNorm(n_state)
+
+
+class AudioEncoder(nn.Module):
+    def __init__(self, dims: ModelDims):
+        super().__init__()
+        self.conv1 = nn.Conv1d(dims.n_mels, dims.n_audio_state, kernel_size=3, padding=1)
+        self.conv2 = nn.Conv1d(dims.n_audio_state, dims.n_audio_state, kernel_size=3, stride=2, padding=1)
+        self.register_buffer("positional_embedding", sinusoids(dims.n_audio_ctx, dims.n_audio_state))
+        self.blocks = nn.ModuleList(EncoderBlock(dims.n_audio_state, dims.n_audio_head)
+                                    for _ in range(dims.n_audio_layer))
+        self.ln_post = LayerNorm(dims.n_audio_state)
+
+    def forward(self, mel: Tensor) -> Tensor:
+        """mel [batch, n_mels, frames] with frames <= 3000 (fewer = a shorter audio context)."""
+        x = F.gelu(self.conv1(mel))
+        x = F.gelu(self.conv2(x)).transpose(1, 2)
+        if x.shape[1] > self.positional_embedding.shape[0]:
+            raise ValueError(f"audio of {mel.shape[-1]} mel frames is longer than the model's 30 s window")
+        x = x + self.positional_embedding[: x.shape[1]].to(x.dtype)
+        for block in self.blocks:
+            x = block(x)
+        return self.ln_post(x)
+
+
+class TextDecoder(nn.Module):
+    def __init__(self, dims: ModelDims):
+        super().__init__()
+        self.token_embedding = nn.Embedding(dims.n_vocab, dims.n_text_state)
+        self.positional_embedding = nn.Parameter(torch.empty(dims.n_text_ctx, dims.n_text_state))
+        self.blocks = nn.ModuleList(DecoderBlock(dims.n_text_state, dims.n_text_head)
+                                    for _ in range(dims.n_text_layer))
+        self.ln = LayerNorm(dims.n_text_state)
+
+    def new_cache(self, audio_features: Tensor, audio_mask: Tensor | None = None) -> KVCache:
+        """An empty cache whose cross-attention keys/values are computed once from ``audio_features``."""
+        cross = [block.cross_attn.project_kv(audio_features) for block in self.blocks]
+        return KVCache([], cross, audio_mask)
+
+    def forward(
+        self, tokens: Tensor, cache: KVCache, alignment_heads: list[tuple[int, int]] | None = None,
+    ) -> tuple[Tensor, KVCache, Tensor | None]:
+        """Logits [batch, new_tokens, vocab] for ``tokens`` that follow the cached positions.
+
+        Returns the logits, the extended cache and, when ``alignment_heads`` is given, the cross-attention
+        weights of those heads, [batch, n_heads_selected, new_tokens, audio_ctx].
+        """
+        offset = cache.length
+        x = self.token_embedding(tokens) + self.positional_embedding[offset: offset + tokens.shape[1]]
+        x = x.to(cache.cross_kv[0][0].dtype)
+        cross_mask = None if cache.audio_mask is None else cache.audio_mask[:, None, None, :]
+        wanted: dict[int, list[int]] = {}
+        for layer, head in alignment_heads or []:
+            wanted.setdefault(layer, []).append(head)
+        new_self, weights = [], []
+        for i, block in enumerate(self.blocks):
+            h = block.attn_ln(x)
+            k, v = block.attn.project_kv(h)
+            if offset:
+                k = torch.cat([cache.self_kv[i][0], k], dim=2)
+                v = torch.cat([cache.self_kv[i][1], v], dim=2)
+            new_self.append((k, v))
+            x = x + block.attn.attend(h, (k, v), None, offset)[0]
+            out, w = block.cross_attn.attend(block.cross_attn_ln(x), cache.cross_kv[i], cross_mask, None,
+                                             want_weights=i in wanted)
+            x = x + out
+            if w is not None:
+                weights.append(w[:, wanted[i]])
+            x = x + block.mlp(block.mlp_ln(x))
+        x = self.ln(x)
+        logits = (x @ self.token_embedding.weight.to(x.dtype).T).float()
+        aligned = torch.cat(weights, dim=1) if weights else None
+        return logits, KVCache(new_self, cache.cross_kv, cache.audio_mask), aligned
+
+
+class Whisper(nn.Module):
+    def __init__(self, dims: ModelDims, alignment_heads: list[tuple[int, int]] | None = None):
+        super().__init__()
+        self.dims = dims
+        self.encoder = AudioEncoder(dims)
+        self.decoder = TextDecoder(dims)
+        if alignment_heads is None:
+            half = dims.n_text_layer // 2
+            alignment_heads = [(layer, head) for layer in range(half, dims.n_text_layer)
+                               for head in range(dims.n_text_head)]
+        self.alignment_heads = [(int(layer), int(head)) for layer, head in alignment_heads]
+
+    @property
+    def is_multilingual(self) -> bool:
+        return self.dims.n_vocab >= 51865
+
+    @property
+    def num_languages(self) -> int:
+        return self.dims.n_vocab - 51765 - int(self.is_multilingual)
+
+    @property
+    def device(self) -> torch.device:
+        return self.decoder.token_embedding.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.decoder.token_embedding.weight.dtype
+
+    @torch.inference_mode()
+    def encode(self, mel: Tensor) -> Tensor:
+        """Audio features [batch, frames // 2, n_audio_state] for mel [batch, n_mels, frames]."""
+        return self.encoder(mel.to(self.device, self.dtype))

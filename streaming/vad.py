@@ -1,0 +1,197 @@
+"""Speech segmentation with webrtcvad on a sample-count timeline (sans-I/O).
+
+The detector turns a 16 kHz mono float32 stream into utterances. Only speech audio
+(pre-pad + voiced audio + hangover) is emitted; silence between utterances is skipped, and
+every :class:`SpeechAudio` carries its absolute start sample so a recogniser can map offsets
+in its own window back to the stream timeline.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+import webrtcvad
+
+SAMPLE_RATE = 16000
+_SAMPLES_PER_MS = SAMPLE_RATE // 1000
+
+
+@dataclass
+class VadConfig:
+    """Detector tuning; durations in milliseconds, energy floor in dBFS (RMS re full scale 1.0)."""
+
+    aggressiveness: int = 2
+    frame_ms: int = 30
+    pre_speech_pad_ms: int = 200
+    hangover_ms: int = 300
+    endpoint_ms: int = 600
+    min_speech_ms: int = 90
+    energy_floor_dbfs: float = -55.0
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first field whose value is outside its allowed range."""
+        _check("aggressiveness", self.aggressiveness, 0, 3)
+        if self.frame_ms not in (10, 20, 30):
+            raise ValueError(f"frame_ms={self.frame_ms!r} is invalid; allowed: 10, 20 or 30")
+        _check("pre_speech_pad_ms", self.pre_speech_pad_ms, 0, 5000)
+        _check("hangover_ms", self.hangover_ms, 0, 5000)
+        _check("endpoint_ms", self.endpoint_ms, self.hangover_ms, 60000, " (must be >= hangover_ms)")
+        _check("min_speech_ms", self.min_speech_ms, 0, 2000)
+        _check("energy_floor_dbfs", self.energy_floor_dbfs, -120.0, 0.0)
+
+
+def _check(name: str, value: float, lo: float, hi: float, note: str = "") -> None:
+    if not lo <= value <= hi:  # also rejects NaN
+        raise ValueError(f"{name}={value!r} is out of range; allowed: {lo}..{hi}{note}")
+
+
+@dataclass(frozen=True)
+class SpeechStart:
+    """An utterance begins at ``sample`` (onset minus pre-pad)."""
+
+    sample: int
+
+
+@dataclass(frozen=True, eq=False)
+class SpeechAudio:
+    """Speech audio starting at absolute ``start_sample``; contiguous within an utterance."""
+
+    start_sample: int
+    audio: np.ndarray = field(repr=False)
+
+    @property
+    def end_sample(self) -> int:
+        """Absolute sample just past this chunk."""
+        return self.start_sample + len(self.audio)
+
+
+@dataclass(frozen=True)
+class SpeechEnd:
+    """The utterance ends at ``sample`` (last voiced sample + hangover)."""
+
+    sample: int
+
+
+VadEvent = SpeechStart | SpeechAudio | SpeechEnd
+
+
+def to_pcm16(audio: np.ndarray) -> bytes:
+    """Float audio in [-1, 1] to little-endian int16 bytes, clipping out-of-range samples."""
+    return np.rint(np.clip(audio, -1.0, 1.0) * 32767.0).astype("<i2").tobytes()
+
+
+class VoiceActivityDetector:
+    """Incremental speech segmenter: feed any chunk size, get :data:`VadEvent` lists back.
+
+    Onset needs ``min_speech_ms`` of voiced frames within a look-back of twice that length.
+    Inside an utterance any voiced frame extends it; a pause of ``endpoint_ms`` ends it.
+    """
+
+    def __init__(self, config: VadConfig | None = None) -> None:
+        config = config or VadConfig()
+        config.validate()
+        self._vad = webrtcvad.Vad(config.aggressiveness)
+        self._frame = config.frame_ms * _SAMPLES_PER_MS
+        self._pre_pad = config.pre_speech_pad_ms * _SAMPLES_PER_MS
+        self._hangover = config.hangover_ms * _SAMPLES_PER_MS
+        self._endpoint = config.endpoint_ms * _SAMPLES_PER_MS
+        self._min_frames = max(1, math.ceil(config.min_speech_ms / config.frame_ms))
+        self._floor_rms = 10.0 ** (config.energy_floor_dbfs / 20.0)
+        self._recent: deque[tuple[int, bool]] = deque(maxlen=2 * self._min_frames)
+        self._history_len = self._pre_pad + self._recent.maxlen * self._frame
+        self._history = np.zeros(0, np.float32)  # idle audio ending at self._pos
+        self._buf = np.zeros(0, np.float32)  # partial frame not yet classified
+        self._pending: list[np.ndarray] = []  # pause audio past the hangover, kept if speech resumes
+        self._pos = 0  # samples classified so far
+        self._seen = 0
+        self._in_speech = False
+        self._last_voiced_end = 0
+        self._emitted_end = 0
+
+    @property
+    def in_speech(self) -> bool:
+        """True between a SpeechStart and its SpeechEnd."""
+        return self._in_speech
+
+    @property
+    def samples_seen(self) -> int:
+        """Total samples fed so far (the stream timeline)."""
+        return self._seen
+
+    def feed(self, audio: np.ndarray) -> list[VadEvent]:
+        """Consume a 1-D float32 chunk of any length and return the events it completes."""
+        audio = np.asarray(audio, dtype=np.float32)
+        if audio.ndim != 1:
+            raise ValueError(f"audio must be 1-D mono, got shape {audio.shape}")
+        self._seen += audio.size
+        data = np.concatenate((self._buf, audio))
+        full = data.size - data.size % self._frame
+        events: list[VadEvent] = []
+        for off in range(0, full, self._frame):
+            frame = data[off : off + self._frame]
+            self._process(frame, self._is_voiced(frame), events)
+        self._buf = data[full:].copy()
+        return events
+
+    def flush(self) -> list[VadEvent]:
+        """End of stream: emit the remaining speech audio and a SpeechEnd if inside an utterance."""
+        events: list[VadEvent] = []
+        if self._buf.size:  # too short for webrtcvad; counts as a pause
+            self._process(self._buf, False, events)
+            self._buf = np.zeros(0, np.float32)
+        if self._in_speech:
+            self._end(min(self._last_voiced_end + self._hangover, self._pos), events)
+        return events
+
+    def _is_voiced(self, frame: np.ndarray) -> bool:
+        rms = math.sqrt(float(np.mean(np.square(frame, dtype=np.float64))))
+        return rms >= self._floor_rms and self._vad.is_speech(to_pcm16(frame), SAMPLE_RATE)
+
+    def _process(self, frame: np.ndarray, voiced: bool, events: list[VadEvent]) -> None:
+        start, self._pos = self._pos, self._pos + frame.size
+        if self._in_speech:
+            self._speech_frame(start, frame, voiced, events)
+        else:
+            self._idle_frame(start, frame, voiced, events)
+
+    def _idle_frame(self, start: int, frame: np.ndarray, voiced: bool, events: list[VadEvent]) -> None:
+        self._history = np.concatenate((self._history, frame))[-self._history_len :]
+        self._recent.append((start, voiced))
+        if sum(v for _, v in self._recent) < self._min_frames:
+            return
+        onset = next(s for s, v in self._recent if v)
+        # History never reaches back past the previous utterance's end (or 0).
+        history_start = self._pos - self._history.size
+        begin = max(onset - self._pre_pad, history_start)
+        events.append(SpeechStart(begin))
+        events.append(SpeechAudio(begin, self._history[begin - history_start :]))
+        self._in_speech = True
+        self._last_voiced_end = self._emitted_end = self._pos
+        self._history = np.zeros(0, np.float32)
+        self._recent.clear()
+
+    def _speech_frame(self, start: int, frame: np.ndarray, voiced: bool, events: list[VadEvent]) -> None:
+        if voiced:
+            events.append(SpeechAudio(self._emitted_end, np.concatenate((*self._pending, frame))))
+            self._pending = []
+            self._last_voiced_end = self._emitted_end = self._pos
+            return
+        hang_end = self._last_voiced_end + self._hangover
+        cut = min(max(hang_end - start, 0), frame.size)
+        if cut:  # still within the hangover, so nothing is pending before this frame
+            events.append(SpeechAudio(start, frame[:cut]))
+            self._emitted_end = start + cut
+        if cut < frame.size:
+            self._pending.append(frame[cut:])
+        if self._pos - self._last_voiced_end >= self._endpoint:
+            self._end(hang_end, events)
+
+    def _end(self, end: int, events: list[VadEvent]) -> None:
+        events.append(SpeechEnd(end))
+        self._in_speech = False
+        pause = np.concatenate((np.zeros(0, np.float32), *self._pending))
+        self._history = pause[-self._history_len :]  # audio from `end` onwards, for the next pre-pad
+        self._pending = []
