@@ -111,11 +111,25 @@ def _build(dims: ModelDims, state: dict[str, torch.Tensor], heads, source: Path)
     model = Whisper(dims, heads)
     state = {k: v.float() for k, v in state.items()}
     state.setdefault("encoder.positional_embedding", model.encoder.positional_embedding)
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # shapes that disagree with the dimensions
+        detail = str(exc).splitlines()[1:2] or [str(exc)]
+        raise ModelLoadError(f"{source} does not match its model dimensions: {detail[0].strip()}") from None
     if missing or unexpected:
         raise ModelLoadError(f"{source} does not hold a Whisper model: missing {missing[:3]}, "
                              f"unexpected {unexpected[:3]}")
     return model
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"{path} is not a readable JSON file ({exc})") from None
+    if not isinstance(data, dict):
+        raise ModelLoadError(f"{path} does not hold a JSON object")
+    return data
 
 
 # CTranslate2 -----------------------------------------------------------------------------------------
@@ -208,7 +222,7 @@ def _ct2_model(data: bytes, path: Path, folder: Path) -> Whisper:
             _ct2_linear(t, f"encoder/{conv}", f"encoder.{conv}", s)
         s["encoder.positional_embedding"] = t["encoder/position_encodings/encodings"]
         _ct2_norm(t, "encoder/layer_norm", "encoder.ln_post", s)
-        s["decoder.token_embedding.weight"] = t["decoder/embeddings/weight"]
+        s["decoder.token_embedding.weight"] = _ct2_weight(t, "decoder/embeddings")  # int8 models scale it
         s["decoder.positional_embedding"] = t["decoder/position_encodings/encodings"]
         _ct2_norm(t, "decoder/layer_norm", "decoder.ln", s)
         qkv = (".query", ".key", ".value")
@@ -231,7 +245,7 @@ def _ct2_model(data: bytes, path: Path, folder: Path) -> Whisper:
     heads = None
     config = folder / "config.json"
     if config.is_file():
-        heads = json.loads(config.read_text()).get("alignment_heads")
+        heads = _read_json(config).get("alignment_heads")
     return _build(dims, s, heads, path)
 
 
@@ -326,5 +340,5 @@ def _hf_model(folder: Path) -> Whisper:
     heads = None
     generation = folder / "generation_config.json"
     if generation.is_file():
-        heads = json.loads(generation.read_text()).get("alignment_heads")
+        heads = _read_json(generation).get("alignment_heads")
     return _build(dims, state, heads, folder / "model.safetensors")

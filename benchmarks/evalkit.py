@@ -1,0 +1,47 @@
+"""Shared helpers for benchmarks: the eval streams in ../shared/eval and its reference scorer."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import platform
+import sys
+import wave
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+EVAL = Path(os.environ.get("WHISPER_STREAM_EVAL", ROOT.parent / "shared" / "eval"))
+STREAMS = EVAL / "streams"
+
+
+def require_eval() -> None:
+    if not STREAMS.is_dir():
+        sys.exit(f"eval data not found at {STREAMS}: put ../shared beside the project "
+                 "or set WHISPER_STREAM_EVAL to the eval directory")
+
+
+def load_stream(name: str) -> tuple[np.ndarray, dict]:
+    """Audio (16 kHz mono float32) and the reference description of an eval stream."""
+    require_eval()
+    with wave.open(str(STREAMS / f"{name}.wav")) as w:
+        audio = np.frombuffer(w.readframes(w.getnframes()), np.int16).astype(np.float32) / 32768
+    return audio, json.loads((STREAMS / f"{name}.json").read_text())
+
+
+def scorer():
+    """The reference scoring module (../shared/eval/score.py), imported from where it lies."""
+    spec = importlib.util.spec_from_file_location("eval_score", EVAL / "score.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def score_text(reference: dict, text: str) -> dict:
+    return scorer().score(reference, [{"t": 0.0, "type": "final", "text": text}])
+
+
+def machine() -> str:
+    return f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"

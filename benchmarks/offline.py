@@ -1,0 +1,78 @@
+"""Offline accuracy and speed of our engine next to faster-whisper, on the eval streams.
+
+Usage: python benchmarks/offline.py [--streams en_prompts en_mixed] [--beam-size 5] [--threads 2]
+Each engine runs in its own process so that peak memory (max RSS) is its own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+
+from evalkit import load_stream, machine, score_text
+
+
+def run_engine(engine: str, stream: str, beam: int, threads: int) -> dict:
+    audio, reference = load_stream(stream)
+    if engine == "whisper-stream":
+        from streaming.engine import Engine, configure_threads
+        from streaming.transcribe import TranscribeOptions, transcribe
+
+        configure_threads(threads)
+        model = Engine.load("tiny.en")
+        started = time.perf_counter()
+        text = transcribe(model, audio, TranscribeOptions(beam_size=beam, best_of=beam)).text
+    else:
+        import importlib.resources
+
+        from faster_whisper import WhisperModel
+
+        from streaming.weights import NAMED_MODELS  # the same tiny.en weights
+
+        package, sub, _, _ = NAMED_MODELS["tiny.en"]
+        path = str(importlib.resources.files(package) / sub)
+        compute = engine.split("-")[-1]
+        model = WhisperModel(path, device="cpu", compute_type=compute, cpu_threads=threads)
+        started = time.perf_counter()
+        segments, _ = model.transcribe(audio, beam_size=beam, language="en")
+        text = " ".join(s.text for s in segments)
+    elapsed = time.perf_counter() - started
+    result = score_text(reference, text)
+    return {"engine": engine, "stream": stream, "wer": result["wer"], "seconds": elapsed,
+            "rtf": elapsed / (len(audio) / 16000),
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--streams", nargs="+", default=["en_prompts", "en_mixed"])
+    parser.add_argument("--engines", nargs="+", default=["whisper-stream", "faster-whisper-int8",
+                                                         "faster-whisper-float32"])
+    parser.add_argument("--beam-size", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(run_engine(args.engines[0], args.streams[0], args.beam_size, args.threads)))
+        return
+    print(f"# offline, tiny.en, beam {args.beam_size}, {args.threads} threads, {machine()}")
+    print(f"{'stream':<12} {'engine':<24} {'WER %':>6} {'RTF':>7} {'peak MB':>8}")
+    for stream in args.streams:
+        for engine in args.engines:
+            cmd = [sys.executable, __file__, "--child", "--engines", engine, "--streams", stream,
+                   "--beam-size", str(args.beam_size), "--threads", str(args.threads)]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode != 0:
+                print(f"{stream:<12} {engine:<24} failed: {proc.stderr.strip().splitlines()[-1:]}")
+                continue
+            r = json.loads(proc.stdout.strip().splitlines()[-1])
+            print(f"{stream:<12} {engine:<24} {100 * r['wer']:6.2f} {r['rtf']:7.3f} {r['peak_rss_mb']:8.0f}",
+                  flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,87 @@
+"""The ``whisper-stream`` command: offline transcription and the streaming server."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from .formats import FORMATS, Cue, render
+
+
+def _transcribe(args: argparse.Namespace) -> int:
+    from .audio import AudioFormatError, read_audio
+    from .engine import Engine, configure_threads
+    from .transcribe import TranscribeOptions, transcribe
+    from .weights import ModelLoadError
+
+    configure_threads(args.threads)
+    try:
+        audio = read_audio(args.file)
+    except (OSError, AudioFormatError) as exc:
+        print(f"whisper-stream: cannot read {args.file}: {exc}", file=sys.stderr)
+        return 2
+    try:
+        engine = Engine.load(args.model, device=args.device)
+    except ModelLoadError as exc:
+        print(f"whisper-stream: {exc}", file=sys.stderr)
+        return 2
+    options = TranscribeOptions(language=args.language, task=args.task, beam_size=args.beam_size,
+                                best_of=args.beam_size, word_timestamps=args.word_timestamps,
+                                initial_prompt=args.prompt)
+    started = time.monotonic()
+    long_input = len(audio) > 60 * 16000
+
+    def progress(done: float, total: float) -> None:
+        if long_input:
+            print(f"\r{done:7.1f}/{total:.1f} s ({100 * done / total:3.0f}%)", end="", file=sys.stderr)
+
+    try:
+        result = transcribe(engine, audio, options, progress)
+    except ValueError as exc:
+        print(f"whisper-stream: {exc}", file=sys.stderr)
+        return 2
+    if long_input:
+        elapsed = time.monotonic() - started
+        print(f"\rdone: {result.duration:.1f} s of audio in {elapsed:.1f} s", file=sys.stderr)
+    cues = [Cue(s.start, s.end, s.text, [
+        {"word": w.word, "start": round(w.start, 3), "end": round(w.end, 3), "probability": round(w.probability, 4)}
+        for w in s.words]) for s in result.segments]
+    output = render(cues, args.format, result.language)
+    if args.output:
+        with open(args.output, "w", encoding="utf-8") as f:
+            f.write(output)
+    else:
+        sys.stdout.write(output)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="whisper-stream", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("transcribe", help="transcribe an audio file offline")
+    t.add_argument("file", help="audio file (WAV; other formats need ffmpeg on PATH)")
+    t.add_argument("--model", default="tiny.en", help="tiny.en (default), base, or a local model path")
+    t.add_argument("--language", default=None, help="language code; default: detect (multilingual models)")
+    t.add_argument("--task", default="transcribe", choices=("transcribe", "translate"))
+    t.add_argument("--beam-size", type=int, default=5)
+    t.add_argument("--word-timestamps", action="store_true", help="add word timings (json, srt, vtt)")
+    t.add_argument("--prompt", default=None, help="initial prompt: names, jargon, spelling")
+    t.add_argument("--format", default="txt", choices=FORMATS)
+    t.add_argument("--output", "-o", default=None, help="write here instead of stdout")
+    t.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    t.add_argument("--threads", type=int, default=None, help="torch threads (default: CPU count, max 4)")
+    t.set_defaults(run=_transcribe)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,307 @@
+"""Token decoding over encoded audio: greedy, sampling and beam search with Whisper's logit rules.
+
+A :class:`Prefill` runs the prompt and start-of-transcript tokens through the decoder once per audio
+window; every decoding pass over that window (fallback temperatures, alignment) starts from its cache.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from dataclasses import dataclass, field, replace
+
+import torch
+from torch import Tensor
+
+from .model import KVCache, Whisper
+from .tokenizer import Tokenizer
+
+
+@dataclass(frozen=True)
+class DecodingOptions:
+    task: str = "transcribe"
+    language: str | None = None
+    temperature: float = 0.0
+    beam_size: int = 1
+    best_of: int = 1
+    patience: float = 1.0
+    length_penalty: float | None = None
+    prompt: tuple[int, ...] = ()
+    prefix: tuple[int, ...] = ()
+    suppress_blank: bool = True
+    suppress_tokens: tuple[int, ...] | None = None
+    without_timestamps: bool = False
+    max_initial_timestamp: float = 1.0
+    sample_len: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.task not in ("transcribe", "translate"):
+            raise ValueError(f"task must be 'transcribe' or 'translate', not {self.task!r}")
+        if self.beam_size < 1 or self.best_of < 1:
+            raise ValueError("beam_size and best_of must be at least 1")
+        if self.temperature < 0:
+            raise ValueError("temperature must be >= 0")
+
+
+@dataclass
+class DecodingResult:
+    tokens: list[int]
+    text: str
+    avg_logprob: float
+    no_speech_prob: float
+    temperature: float
+    compression_ratio: float
+    token_probs: list[float] = field(default_factory=list)
+
+
+def compression_ratio(text: str) -> float:
+    raw = text.encode("utf-8")
+    return len(raw) / len(zlib.compress(raw)) if raw else 0.0
+
+
+@dataclass
+class Prefill:
+    """Decoder state after the initial tokens over one audio window, reusable across passes."""
+
+    initial: list[int]
+    cache: KVCache
+    last_logits: Tensor
+    no_speech_prob: float
+
+
+def initial_tokens(tokenizer: Tokenizer, options: DecodingOptions) -> tuple[list[int], int]:
+    """[startofprev, prompt...] + sot sequence (+ notimestamps) + prefix, and the index of sot."""
+    tokens: list[int] = []
+    max_prompt = 223
+    if options.prompt:
+        tokens = [tokenizer.sot_prev, *options.prompt[-(max_prompt - len(options.prefix)):]]
+    sot_index = len(tokens)
+    tokens += list(tokenizer.sot_sequence)
+    if options.without_timestamps:
+        tokens.append(tokenizer.no_timestamps)
+    tokens += list(options.prefix)
+    return tokens, sot_index
+
+
+@torch.inference_mode()
+def prefill(model: Whisper, tokenizer: Tokenizer, features: Tensor, options: DecodingOptions,
+            cache: KVCache | None = None) -> Prefill:
+    """Run the initial tokens once over ``features`` (1 x ctx x state). ``cache`` may carry the
+    cross-attention keys/values already computed for these features."""
+    tokens, sot_index = initial_tokens(tokenizer, options)
+    base = cache.trim(0) if cache is not None else model.decoder.new_cache(features)
+    logits, cache, _ = model.decoder(torch.tensor([tokens], device=model.device), base)
+    no_speech = logits[0, sot_index].softmax(-1)[tokenizer.no_speech].item()
+    return Prefill(tokens, cache, logits[0, -1], no_speech)
+
+
+class LogitRules:
+    """Suppression and timestamp rules applied to next-token logits before choosing."""
+
+    def __init__(self, tokenizer: Tokenizer, options: DecodingOptions, sample_begin: int,
+                 audio_seconds: float):
+        self.tok = tokenizer
+        self.options = options
+        self.sample_begin = sample_begin
+        suppress = set(tokenizer.non_speech_tokens if options.suppress_tokens is None else options.suppress_tokens)
+        suppress |= {tokenizer.transcribe, tokenizer.translate, tokenizer.sot, tokenizer.sot_prev,
+                     tokenizer.sot_lm, tokenizer.no_speech}
+        if not options.without_timestamps:
+            suppress.add(tokenizer.no_timestamps)
+        self.suppress = torch.tensor(sorted(suppress))
+        self.blank = tokenizer.encode(" ") + [tokenizer.eot]
+        # the last timestamp the audio allows (the model would otherwise point past the window's end)
+        self.max_timestamp = tokenizer.timestamp_begin + min(1500, round(audio_seconds / 0.02))
+
+    def apply(self, logits: Tensor, tokens: list[list[int]]) -> None:
+        """Edit ``logits`` [batch, vocab] in place given each row's full token list."""
+        logits[:, self.suppress] = -float("inf")
+        if self.options.suppress_blank and len(tokens[0]) == self.sample_begin:
+            logits[:, self.blank] = -float("inf")
+        if not self.options.without_timestamps:
+            self._timestamps(logits, tokens)
+
+    def _timestamps(self, logits: Tensor, tokens: list[list[int]]) -> None:
+        tb, eot = self.tok.timestamp_begin, self.tok.eot
+        logits[:, self.max_timestamp + 1:] = -float("inf")
+        for row, seq in enumerate(tokens):
+            sampled = seq[self.sample_begin:]
+            last_ts = len(sampled) >= 1 and sampled[-1] >= tb
+            penult_ts = len(sampled) < 2 or sampled[-2] >= tb
+            if last_ts:
+                if penult_ts:
+                    logits[row, tb:] = -float("inf")
+                else:
+                    logits[row, :eot] = -float("inf")
+            stamps = [t for t in sampled if t >= tb]
+            if stamps:
+                floor = stamps[-1] if last_ts and not penult_ts else stamps[-1] + 1
+                logits[row, tb:floor] = -float("inf")
+            if not sampled:
+                logits[row, :tb] = -float("inf")
+                limit = tb + round(self.options.max_initial_timestamp / 0.02)
+                logits[row, limit + 1:] = -float("inf")
+        logprobs = logits.float().log_softmax(-1)
+        ts_mass = logprobs[:, tb:].logsumexp(-1)
+        text_max = logprobs[:, :tb].max(-1).values
+        force = ts_mass > text_max
+        if force.any():
+            logits[force, :tb] = -float("inf")
+
+
+@torch.inference_mode()
+def decode(model: Whisper, tokenizer: Tokenizer, features: Tensor, options: DecodingOptions,
+           start: Prefill | None = None) -> DecodingResult:
+    """Decode one audio window (features 1 x ctx x state) and return the best hypothesis."""
+    start = start or prefill(model, tokenizer, features, options)
+    sample_begin = len(start.initial)
+    audio_seconds = features.shape[1] * 0.02
+    rules = LogitRules(tokenizer, options, sample_begin, audio_seconds)
+    sample_len = options.sample_len or model.dims.n_text_ctx // 2
+    sample_len = min(sample_len, model.dims.n_text_ctx - sample_begin)
+    if options.beam_size > 1 and options.temperature == 0:
+        tokens, sum_lp, probs = _beam_search(model, rules, start, options, tokenizer.eot, sample_len)
+    else:
+        n = options.best_of if options.temperature > 0 else 1
+        tokens, sum_lp, probs = _sample(model, rules, start, options, tokenizer.eot, sample_len, n)
+    text_tokens = [t for t in tokens if t != tokenizer.eot]
+    text = tokenizer.decode(text_tokens)
+    return DecodingResult(text_tokens, text, sum_lp / (len(tokens) + 1), start.no_speech_prob,
+                          options.temperature, compression_ratio(text), probs)
+
+
+def _score(sum_logprob: float, length: int, penalty: float | None) -> float:
+    if penalty is None:
+        return sum_logprob / max(length, 1)
+    return sum_logprob / (((5 + length) / 6) ** penalty)
+
+
+def _sample(model, rules, start, options, eot, sample_len, n):
+    """Greedy (n = 1, T = 0) or best-of-n sampling; returns the best sequence by length-normalised score."""
+    cache = start.cache.select(torch.zeros(n, dtype=torch.long, device=start.last_logits.device))
+    seqs = [list(start.initial) for _ in range(n)]
+    sum_lp = torch.zeros(n)
+    probs: list[list[float]] = [[] for _ in range(n)]
+    done = [False] * n
+    logits = start.last_logits.unsqueeze(0).repeat(n, 1)
+    for _ in range(sample_len):
+        logits = logits.float()
+        rules.apply(logits, seqs)
+        if options.temperature == 0:
+            nxt = logits.argmax(-1)
+        else:
+            nxt = torch.distributions.Categorical(logits=logits / options.temperature).sample()
+        logprobs = logits.log_softmax(-1)
+        for i in range(n):
+            if done[i]:
+                continue
+            token = int(nxt[i])
+            lp = float(logprobs[i, token])
+            seqs[i].append(token)
+            sum_lp[i] += lp
+            probs[i].append(math.exp(lp))
+            done[i] = token == eot
+        if all(done):
+            break
+        feed = torch.tensor([[s[-1] if not d else eot] for s, d in zip(seqs, done)], device=logits.device)
+        step, cache, _ = model.decoder(feed, cache)
+        logits = step[:, -1]
+    sample_begin = len(start.initial)
+    scores = [_score(float(sum_lp[i]), len(seqs[i]) - sample_begin, options.length_penalty) for i in range(n)]
+    best = max(range(n), key=scores.__getitem__)
+    return seqs[best][sample_begin:], float(sum_lp[best]), probs[best]
+
+
+def _beam_search(model, rules, start, options, eot, sample_len):
+    """Beam search for one audio window; finished hypotheses are ranked by length-normalised score."""
+    beam = options.beam_size
+    sample_begin = len(start.initial)
+    cache = start.cache.select(torch.zeros(1, dtype=torch.long))
+    seqs = [list(start.initial)]
+    sum_lps = [0.0]
+    probs: list[list[float]] = [[]]
+    logits = start.last_logits.unsqueeze(0)
+    finished: list[tuple[list[int], float, list[float]]] = []
+    max_finished = round(beam * options.patience)
+    for step in range(sample_len):
+        logits = logits.float()
+        rules.apply(logits, seqs)
+        logprobs = logits.log_softmax(-1)
+        candidates = []
+        for i in range(len(seqs)):
+            top_lp, top_tok = logprobs[i].topk(beam + 1)
+            for lp, tok in zip(top_lp.tolist(), top_tok.tolist()):
+                candidates.append((sum_lps[i] + lp, i, tok, lp))
+        candidates.sort(key=lambda c: -c[0])
+        new_seqs, new_lps, new_probs, sources = [], [], [], []
+        for total, i, tok, lp in candidates:
+            seq = seqs[i] + [tok]
+            if tok == eot:
+                if len(finished) < max_finished:
+                    finished.append((seq, total, probs[i] + [math.exp(lp)]))
+                continue
+            new_seqs.append(seq)
+            new_lps.append(total)
+            new_probs.append(probs[i] + [math.exp(lp)])
+            sources.append(i)
+            if len(new_seqs) == beam:
+                break
+        if len(finished) >= max_finished or not new_seqs or step == sample_len - 1:
+            break
+        cache = cache.select(torch.tensor(sources))
+        seqs, sum_lps, probs = new_seqs, new_lps, new_probs
+        step_logits, cache, _ = model.decoder(torch.tensor([[s[-1]] for s in seqs]), cache)
+        logits = step_logits[:, -1]
+    if not finished:
+        finished = [(s, lp, p) for s, lp, p in zip(new_seqs or seqs, new_lps or sum_lps, new_probs or probs)]
+    best = max(finished, key=lambda f: _score(f[1], len(f[0]) - sample_begin, options.length_penalty))
+    return best[0][sample_begin:], best[1], best[2]
+
+
+@torch.inference_mode()
+def detect_language(model: Whisper, tokenizer: Tokenizer, features: Tensor,
+                    cache: KVCache | None = None) -> tuple[str, dict[str, float]]:
+    """Most likely language of ``features`` (1 x ctx x state) and the probability of every language."""
+    if not model.is_multilingual:
+        return "en", {"en": 1.0}
+    base = cache.trim(0) if cache is not None else model.decoder.new_cache(features)
+    logits, _, _ = model.decoder(torch.tensor([[tokenizer.sot]], device=model.device), base)
+    lang_tokens = torch.tensor(tokenizer.all_language_tokens)
+    probs = logits[0, -1, lang_tokens].softmax(-1).tolist()
+    table = dict(zip(tokenizer.all_language_codes, probs))
+    return max(table, key=table.get), table
+
+
+@dataclass(frozen=True)
+class FallbackPolicy:
+    temperatures: tuple[float, ...] = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
+    compression_ratio_threshold: float | None = 2.4
+    logprob_threshold: float | None = -1.0
+    no_speech_threshold: float | None = 0.6
+
+    def is_silence(self, result: DecodingResult) -> bool:
+        return (self.no_speech_threshold is not None and result.no_speech_prob > self.no_speech_threshold
+                and (self.logprob_threshold is None or result.avg_logprob < self.logprob_threshold))
+
+    def needs_fallback(self, result: DecodingResult) -> bool:
+        if self.compression_ratio_threshold is not None and result.compression_ratio > self.compression_ratio_threshold:
+            return True
+        return self.logprob_threshold is not None and result.avg_logprob < self.logprob_threshold
+
+
+def decode_with_fallback(model: Whisper, tokenizer: Tokenizer, features: Tensor, options: DecodingOptions,
+                         policy: FallbackPolicy = FallbackPolicy(), start: Prefill | None = None) -> DecodingResult:
+    """Decode at increasing temperatures until the result is neither repetitive nor improbable.
+
+    The prefill is computed once and shared by every temperature.
+    """
+    start = start or prefill(model, tokenizer, features, options)
+    result = None
+    for temperature in policy.temperatures:
+        opts = replace(options, temperature=temperature,
+                       best_of=options.best_of if temperature > 0 else 1,
+                       beam_size=options.beam_size if temperature == 0 else 1)
+        result = decode(model, tokenizer, features, opts, start)
+        if policy.is_silence(result) or not policy.needs_fallback(result):
+            break
+    return result

@@ -1,0 +1,71 @@
+"""The inference engine: one loaded model with its tokenizer and front end, shared by every stream."""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .mel import N_FRAMES, log_mel_spectrogram
+from .model import Whisper
+from .tokenizer import Tokenizer, load_tokenizer
+from .weights import load_model
+
+
+def configure_threads(threads: int | None = None) -> int:
+    """Set torch's intra-op threads deliberately (default: the CPU count, at most 4).
+
+    Oversubscribed OpenMP threads on a busy machine make the many small kernels of decoding far slower.
+    """
+    threads = threads or min(os.cpu_count() or 1, 4)
+    torch.set_num_threads(threads)
+    return threads
+
+
+class Engine:
+    """A Whisper model ready for inference: ``Engine.load("tiny.en")``."""
+
+    def __init__(self, model: Whisper, tokenizer: Tokenizer, name: str = "custom"):
+        self.model = model
+        self.name = name
+        self._tokenizer = tokenizer
+
+    @classmethod
+    def load(cls, name_or_path: str = "tiny.en", device: str | None = None) -> Engine:
+        loaded = load_model(name_or_path, device=device)
+        tokenizer = load_tokenizer(loaded.vocab_source, multilingual=loaded.model.is_multilingual)
+        return cls(loaded.model, tokenizer, loaded.name)
+
+    @property
+    def multilingual(self) -> bool:
+        return self.model.is_multilingual
+
+    @property
+    def n_mels(self) -> int:
+        return self.model.dims.n_mels
+
+    @lru_cache(maxsize=256)  # noqa: B019 - engines live as long as the process
+    def tokenizer(self, language: str | None = None, task: str = "transcribe") -> Tokenizer:
+        """The tokenizer for a language and task (English-only models ignore both)."""
+        if not self.multilingual:
+            return self._tokenizer
+        return self._tokenizer.with_options(language=language, task=task)
+
+    def mel(self, audio: np.ndarray | Tensor, padding: int = 0) -> Tensor:
+        """Log-mel spectrogram [n_mels, frames] on the model's device."""
+        return log_mel_spectrogram(audio, self.n_mels, padding=padding, device=self.model.device)
+
+    def encode(self, mel: Tensor, full_window: bool = False) -> Tensor:
+        """Audio features for mel [n_mels, frames] (or a batch). ``full_window`` pads to 30 s as Whisper
+        was trained (padding with the spectrogram's floor, i.e. silence); otherwise only the frames given are
+        encoded (a shorter audio context)."""
+        if mel.dim() == 2:
+            mel = mel.unsqueeze(0)
+        frames = mel.shape[-1]
+        target = N_FRAMES if full_window else frames + frames % 2
+        if frames < target:
+            mel = torch.nn.functional.pad(mel, (0, target - frames), value=float(mel.min()))
+        return self.model.encode(mel[..., :N_FRAMES])

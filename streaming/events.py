@@ -1,0 +1,77 @@
+"""Recogniser output events and their wire JSON shape (times in stream seconds)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from streaming.agreement import Word
+
+
+def _t(seconds: float) -> float:
+    return round(float(seconds), 3)
+
+
+def _p(probability: float) -> float:
+    return round(float(probability), 4)
+
+
+@dataclass(frozen=True)
+class Partial:
+    """Unstable tail of segment ``segment``; a higher ``revision`` replaces the previous one."""
+
+    segment: int
+    revision: int
+    text: str
+    start: float
+    end: float
+
+    def to_dict(self) -> dict[str, Any]:
+        """Wire JSON object."""
+        return {"type": "partial", "segment": self.segment, "revision": self.revision, "text": self.text,
+                "start": _t(self.start), "end": _t(self.end)}
+
+
+@dataclass(frozen=True)
+class Final:
+    """Committed, append-only text of segment ``segment`` with its words."""
+
+    segment: int
+    text: str
+    start: float
+    end: float
+    words: tuple[Word, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        """Wire JSON object."""
+        words = [{"word": w.text, "start": _t(w.start), "end": _t(w.end), "probability": _p(w.probability)}
+                 for w in self.words]
+        return {"type": "final", "segment": self.segment, "text": self.text,
+                "start": _t(self.start), "end": _t(self.end), "words": words}
+
+
+@dataclass(frozen=True)
+class UtteranceEnd:
+    """Segment ``segment`` is over: the speaker paused at ``end``."""
+
+    segment: int
+    end: float
+
+    def to_dict(self) -> dict[str, Any]:
+        """Wire JSON object."""
+        return {"type": "utterance_end", "segment": self.segment, "end": _t(self.end)}
+
+
+@dataclass(frozen=True)
+class LanguageDetected:
+    """Spoken language (ISO code such as ``"en"``) and its probability."""
+
+    language: str
+    probability: float
+
+    def to_dict(self) -> dict[str, Any]:
+        """Wire JSON object."""
+        return {"type": "language", "language": self.language, "probability": _p(self.probability)}
+
+
+Event = Partial | Final | UtteranceEnd | LanguageDetected

@@ -1,0 +1,310 @@
+"""The streaming recogniser: audio in, partial and final hypotheses out.
+
+:class:`StreamCore` is the pure state machine (VAD, window, agreement, events); it never runs the model.
+It asks for work with :meth:`StreamCore.next_request` and takes the answer in :meth:`StreamCore.complete`.
+:class:`Recognizer` is the small embeddable class that runs that work inline on an :class:`Engine`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .agreement import LocalAgreement, Word, drop_committed_overlap, drop_repetitions, normalize
+from .events import Event, Final, LanguageDetected, Partial, UtteranceEnd
+from .inference import PROMPT_TOKENS, WindowReply, WindowRequest, run_window
+from .vad import SAMPLE_RATE, SpeechAudio, SpeechEnd, SpeechStart, VadConfig, VoiceActivityDetector
+from .window import AudioWindow
+
+SENTENCE_END = (".", "?", "!", "。", "？", "！")
+
+
+@dataclass(frozen=True)
+class StreamOptions:
+    """Per-stream settings. ``language`` None means detect (multilingual models)."""
+
+    language: str | None = None
+    task: str = "transcribe"
+    prompt: str | None = None
+    interim_results: bool = True
+    vad: VadConfig = field(default_factory=VadConfig)
+    min_chunk: float = 0.5
+    agreement: int = 2
+    max_window: float = 12.0
+    sentence_trim: float = 6.0
+    beam_size: int = 1
+
+    def __post_init__(self) -> None:
+        if self.task not in ("transcribe", "translate"):
+            raise ValueError(f"task must be 'transcribe' or 'translate', not {self.task!r}")
+        if not 0.1 <= self.min_chunk <= 10:
+            raise ValueError(f"min_chunk={self.min_chunk} is out of range; allowed: 0.1 to 10 seconds")
+        if not 2 <= self.max_window <= 25:
+            raise ValueError(f"max_window={self.max_window} is out of range; allowed: 2 to 25 seconds")
+        if not 1 <= self.agreement <= 5:
+            raise ValueError(f"agreement={self.agreement} is out of range; allowed: 1 to 5")
+        if not 1 <= self.beam_size <= 10:
+            raise ValueError(f"beam_size={self.beam_size} is out of range; allowed: 1 to 10")
+        self.vad.validate()
+
+
+TAIL_WORDS = 16
+# A window that has not committed anything for this long is committed whole (bounds latency).
+FORCE_COMMIT_SECONDS = 20.0
+
+
+class StreamCore:
+    """Pure streaming state for one audio stream; the timeline is counted in samples."""
+
+    def __init__(self, options: StreamOptions = StreamOptions(), multilingual: bool = False):
+        self.options = options
+        self.language = options.language if multilingual else "en"
+        self._vad = VoiceActivityDetector(options.vad)
+        self._queue: deque = deque()
+        self._window = AudioWindow()
+        self._agreement = LocalAgreement(options.agreement)
+        self._context: list[int] = []  # tokens of committed text before the window (the prompt)
+        self._window_words: list[Word] = []  # committed words still inside the window (forced prefix)
+        self._tail: list[Word] = []  # the utterance's last committed words, to drop re-decoded overlap
+        self._pending: WindowRequest | None = None
+        self._decoded_to = 0  # window end sample at the last decode
+        self._ending = False  # an endpoint was reached: decode once more and commit everything
+        self._segment = 0
+        self._revision = 0
+        self._partial_text = ""
+        self._utterance_has_text = False
+        self._language_sent = False
+
+    # --- input ---------------------------------------------------------------------------------------
+
+    def feed(self, audio: np.ndarray) -> list[Event]:
+        """Add 16 kHz mono float audio; returns events that need no inference."""
+        self._queue.extend(self._vad.feed(audio))
+        return self._advance()
+
+    def finalize(self) -> list[Event]:
+        """Commit everything pending now (the client asked for it): treat as an endpoint."""
+        if self._window.length:
+            self._queue.append(SpeechEnd(self._window.end_sample))
+        return self._advance()
+
+    def flush(self) -> list[Event]:
+        """End of audio: the VAD closes any open utterance."""
+        self._queue.extend(self._vad.flush())
+        return self._advance()
+
+    @property
+    def idle(self) -> bool:
+        """Nothing queued, nothing in flight, nothing waiting to be decoded."""
+        return not self._queue and self._pending is None and not self._ending and (
+            self._window.end_sample - self._decoded_to < self.options.min_chunk * SAMPLE_RATE)
+
+    @property
+    def samples_seen(self) -> int:
+        return self._vad.samples_seen
+
+    # --- work ----------------------------------------------------------------------------------------
+
+    def next_request(self) -> WindowRequest | None:
+        """The decode this stream needs now, or None. At most one request is in flight per stream."""
+        if self._pending is not None:
+            return self._pending
+        if self._ending:
+            return self._request(final=True) if self._final_decode_needed() else None
+        if self._window.end_sample - self._decoded_to < self.options.min_chunk * SAMPLE_RATE:
+            return None
+        return self._request(final=False)
+
+    def _final_decode_needed(self) -> bool:
+        """At an endpoint, decode again only if speech arrived since the last decode: the audio after it
+        may be just the VAD hangover (silence), on which Whisper tends to repeat itself."""
+        new = self._window.end_sample - self._decoded_to
+        return new > self.options.vad.hangover_ms * SAMPLE_RATE // 1000
+
+    def _request(self, final: bool) -> WindowRequest:
+        self._pending = WindowRequest(
+            audio=self._window.audio.copy(), prompt=tuple(self._context[-PROMPT_TOKENS:]),
+            prefix=tuple(t for w in self._window_words for t in w.tokens), initial_prompt=self.options.prompt,
+            language=self.language, task=self.options.task, final=final, beam_size=self.options.beam_size)
+        self._decoded_to = self._window.end_sample
+        return self._pending
+
+    def complete(self, request: WindowRequest, reply: WindowReply) -> list[Event]:
+        """Take the result of ``request``; returns the events it produces."""
+        if request is not self._pending:
+            raise ValueError("complete() got a request this stream did not issue or already completed")
+        self._pending = None
+        events: list[Event] = []
+        if reply.language and self.language is None:
+            self.language = reply.language
+            events.append(LanguageDetected(reply.language, reply.language_probability))
+        offset = self._window.start
+        words = [Word(w.word, offset + w.start, offset + w.end, w.probability, tuple(w.tokens))
+                 for w in reply.words]
+        if not request.prefix:
+            words = drop_committed_overlap(words, self._tail)
+        words = _cut_loops(self._window_words, words)
+        words = drop_repeated_prefix(words, self._tail)
+        if request.final or self._window.duration >= FORCE_COMMIT_SECONDS:
+            committed, _ = self._agreement.update(words)
+            committed, partial = committed + self._agreement.commit_all(), []
+        else:
+            committed, partial = self._agreement.update(words)
+        events += self._commit(committed)
+        if request.final:
+            events += self._end_utterance()
+        else:
+            events += self._partial(partial)
+            self._trim()
+        return events + self._advance()
+
+    # --- internals -----------------------------------------------------------------------------------
+
+    def _advance(self) -> list[Event]:
+        """Apply queued VAD events until an utterance end waits for its last decode."""
+        events: list[Event] = []
+        while self._queue and not self._ending:
+            ev = self._queue.popleft()
+            if isinstance(ev, SpeechStart):
+                if not self._window.length:
+                    self._window.open(ev.sample)
+                    self._decoded_to = ev.sample
+            elif isinstance(ev, SpeechAudio):
+                if not self._window.length:
+                    self._window.open(ev.start_sample)
+                    self._decoded_to = ev.start_sample
+                self._window.append(ev.start_sample, ev.audio)
+            elif isinstance(ev, SpeechEnd):
+                self._ending = True
+        if self._ending and self._pending is None and not self._final_decode_needed():
+            events += self._commit(self._agreement.commit_all())
+            events += self._end_utterance()
+            events += self._advance()
+        return events
+
+    def _commit(self, words: list[Word]) -> list[Event]:
+        if not words:
+            return []
+        self._window_words += words
+        self._tail = (self._tail + words)[-TAIL_WORDS:]
+        self._utterance_has_text = True
+        text = "".join(w.text for w in words)
+        return [Final(self._segment, text, words[0].start, words[-1].end, tuple(words))]
+
+    def _partial(self, words: list[Word]) -> list[Event]:
+        text = "".join(w.text for w in words)
+        if not self.options.interim_results or text == self._partial_text:
+            return []
+        self._partial_text = text
+        self._revision += 1
+        start = words[0].start if words else self._window.end
+        end = words[-1].end if words else self._window.end
+        return [Partial(self._segment, self._revision, text, start, end)]
+
+    def _end_utterance(self) -> list[Event]:
+        events: list[Event] = []
+        if self._partial_text and self.options.interim_results:
+            self._revision += 1
+            events.append(Partial(self._segment, self._revision, "", self._window.end, self._window.end))
+        if self._utterance_has_text:
+            events.append(UtteranceEnd(self._segment, self._window.end))
+            self._segment += 1
+        self._context += [t for w in self._window_words for t in w.tokens]
+        self._context = self._context[-PROMPT_TOKENS:]
+        self._window_words, self._tail, self._partial_text, self._utterance_has_text = [], [], "", False
+        self._agreement.reset()
+        self._window.open(self._window.end_sample)
+        self._decoded_to = self._window.end_sample
+        self._ending = False
+        return events
+
+    def _trim(self) -> None:
+        """Cut the window between a committed sentence end and the committed word after it, or before the
+        last committed word when the window grows past ``max_window``. Cutting in the gap before a word is
+        safer than at a word's end: aligned times are least reliable at the ends of words."""
+        words = self._window_words
+        cut = None
+        for i in range(len(words) - 2, -1, -1):
+            if self._window.duration > self.options.sentence_trim and words[i].text.rstrip().endswith(SENTENCE_END):
+                cut = i + 1
+                break
+        if cut is None and self._window.duration > self.options.max_window and len(words) > 1:
+            cut = len(words) - 1
+        if not cut:
+            return
+        done, self._window_words = words[:cut], words[cut:]
+        self._context = (self._context + [t for w in done for t in w.tokens])[-PROMPT_TOKENS:]
+        self._window.trim(self._window_words[0].start)
+
+
+def _cut_loops(prefix: list[Word], words: list[Word]) -> list[Word]:
+    """Cut a repetition loop in the new words, also one that began by repeating the committed prefix."""
+    kept = drop_repetitions(prefix + words)
+    if len(kept) < len(prefix):
+        return drop_repetitions(words)
+    return kept[len(prefix):]
+
+
+def drop_repeated_prefix(words: list[Word], committed: list[Word]) -> list[Word]:
+    """Drop the start of a hypothesis that re-transcribes already committed words: a run of three or more
+    words found verbatim in the recent committed text, or four or more after a first word that differs
+    ("Feel like these days go" after "Feels like these days go")."""
+    keys = [normalize(w.text) for w in words]
+    done = [normalize(w.text) for w in committed]
+    for skip, needed in ((0, 3), (1, 4)):
+        run = _longest_run_in(keys[skip:], done)
+        if run >= needed:
+            return words[skip + run:]
+    return words
+
+
+def _longest_run_in(keys: list[str], text: list[str]) -> int:
+    """Length of the longest leading run of ``keys`` that occurs contiguously in ``text``."""
+    best = 0
+    for start in range(len(text)):
+        n = 0
+        while n < len(keys) and start + n < len(text) and text[start + n] == keys[n]:
+            n += 1
+        best = max(best, n)
+    return best
+
+
+class Recognizer:
+    """Embeddable streaming recogniser: feed audio, get events.
+
+    >>> rec = Recognizer(Engine.load("tiny.en"))
+    >>> for event in rec.feed(chunk): print(event.to_dict())
+    >>> events = rec.close()
+    """
+
+    def __init__(self, engine, options: StreamOptions = StreamOptions()):
+        self.engine = engine
+        self.core = StreamCore(options, engine.multilingual)
+
+    def _run(self, events: list[Event]) -> list[Event]:
+        while (request := self.core.next_request()) is not None:
+            events += self.core.complete(request, run_window(self.engine, request))
+        return events
+
+    def feed(self, audio: np.ndarray) -> list[Event]:
+        """Add 16 kHz mono float32 audio (any chunk size); decode as needed; return new events."""
+        return self._run(self.core.feed(np.asarray(audio, dtype=np.float32)))
+
+    def finalize(self) -> list[Event]:
+        """Commit everything pending now."""
+        return self._run(self.core.finalize())
+
+    def close(self) -> list[Event]:
+        """End of audio: decode what is left and return the last events."""
+        return self._run(self.core.flush())
+
+    async def feed_async(self, audio: np.ndarray) -> list[Event]:
+        """:meth:`feed` on a worker thread, for asyncio programs."""
+        return await asyncio.to_thread(self.feed, audio)
+
+    async def close_async(self) -> list[Event]:
+        return await asyncio.to_thread(self.close)
+

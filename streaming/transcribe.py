@@ -1,0 +1,146 @@
+"""Offline transcription of a whole recording with Whisper's sequential 30-second procedure."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+
+from .alignment import WordTiming, find_alignment
+from .decoding import DecodingOptions, FallbackPolicy, decode_with_fallback, detect_language, prefill
+from .engine import Engine
+from .mel import FRAMES_PER_SECOND, N_FRAMES, N_SAMPLES, SAMPLE_RATE
+
+SECONDS_PER_TOKEN = 0.02
+
+
+@dataclass
+class Segment:
+    start: float
+    end: float
+    text: str
+    tokens: list[int]
+    avg_logprob: float
+    no_speech_prob: float
+    temperature: float
+    words: list[WordTiming] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class TranscribeOptions:
+    language: str | None = None
+    task: str = "transcribe"
+    beam_size: int = 5
+    best_of: int = 5
+    patience: float = 1.0
+    word_timestamps: bool = False
+    initial_prompt: str | None = None
+    condition_on_previous_text: bool = True
+    policy: FallbackPolicy = FallbackPolicy()
+
+
+@dataclass
+class Transcript:
+    language: str
+    segments: list[Segment]
+    duration: float
+
+    @property
+    def text(self) -> str:
+        return "".join(s.text for s in self.segments).strip()
+
+
+def transcribe(engine: Engine, audio: np.ndarray, options: TranscribeOptions = TranscribeOptions(),
+               progress: Callable[[float, float], None] | None = None) -> Transcript:
+    """Transcribe 16 kHz mono float audio. ``progress(done_seconds, total_seconds)`` is called per window."""
+    duration = len(audio) / SAMPLE_RATE
+    mel = engine.mel(audio, padding=N_SAMPLES)
+    content_frames = mel.shape[-1] - N_FRAMES
+    language = options.language
+    if not engine.multilingual:
+        language = "en"
+    elif language is None:
+        features = engine.encode(mel[:, :N_FRAMES])
+        language, _ = detect_language(engine.model, engine.tokenizer(None, options.task), features)
+    tokenizer = engine.tokenizer(language, options.task)
+    base = DecodingOptions(task=options.task, language=language, beam_size=options.beam_size,
+                           best_of=options.best_of, patience=options.patience)
+    history: list[int] = tokenizer.encode(" " + options.initial_prompt.strip()) if options.initial_prompt else []
+    segments: list[Segment] = []
+    seek = 0
+    while seek < content_frames:
+        window = min(N_FRAMES, content_frames - seek)
+        offset = seek / FRAMES_PER_SECOND
+        features = engine.encode(mel[:, seek: seek + N_FRAMES])
+        opts = replace(base, prompt=tuple(history) if options.condition_on_previous_text else ())
+        start = prefill(engine.model, tokenizer, features, opts)
+        result = decode_with_fallback(engine.model, tokenizer, features, opts, options.policy, start)
+        if options.policy.is_silence(result):
+            seek += window
+            continue
+        new_segments, consumed = _split_segments(result.tokens, tokenizer.timestamp_begin, window)
+        for seg_tokens, seg_start, seg_end in new_segments:
+            text = tokenizer.decode(seg_tokens)
+            if not text.strip():
+                continue
+            segments.append(Segment(offset + seg_start, offset + min(seg_end, window / FRAMES_PER_SECOND),
+                                    text, seg_tokens, result.avg_logprob, result.no_speech_prob,
+                                    result.temperature))
+        if options.word_timestamps:
+            _add_words(engine, tokenizer, features, [s for s in segments if s.start >= offset], window, offset)
+        seek += consumed
+        if result.temperature > 0.5:
+            history = []
+        history += [t for t in result.tokens if t < tokenizer.eot]
+        if progress:
+            progress(min(seek / FRAMES_PER_SECOND, duration), duration)
+    return Transcript(language, segments, duration)
+
+
+def _split_segments(tokens: list[int], tb: int, window: int) -> tuple[list[tuple[list[int], float, float]], int]:
+    """Cut a window's tokens at timestamp pairs; also return how many mel frames the window consumed."""
+    is_ts = [t >= tb for t in tokens]
+    single_ending = len(tokens) >= 2 and not is_ts[-2] and is_ts[-1]
+    cuts = [i for i in range(1, len(tokens)) if is_ts[i] and is_ts[i - 1]]
+    out = []
+    if cuts:
+        bounds = cuts + ([len(tokens)] if single_ending else [])
+        last = 0
+        for cut in bounds:
+            piece = tokens[last:cut]
+            stamps = [t for t in piece if t >= tb]
+            if stamps:
+                text = [t for t in piece if t < tb]
+                out.append((text, (stamps[0] - tb) * SECONDS_PER_TOKEN, (stamps[-1] - tb) * SECONDS_PER_TOKEN))
+            last = cut
+        if single_ending:
+            return out, window
+        last_stamp = tokens[cuts[-1] - 1] - tb
+        return out, max(1, round(last_stamp * SECONDS_PER_TOKEN * FRAMES_PER_SECOND))
+    stamps = [t for t in tokens if t >= tb]
+    end = (stamps[-1] - tb) * SECONDS_PER_TOKEN if stamps and stamps[-1] != tb else window / FRAMES_PER_SECOND
+    start = (stamps[0] - tb) * SECONDS_PER_TOKEN if stamps and len(stamps) > 1 else 0.0
+    text = [t for t in tokens if t < tb]
+    return ([(text, start, end)] if text else []), window
+
+
+def _add_words(engine: Engine, tokenizer, features, segments: list[Segment], window: int, offset: float) -> None:
+    """Word timings for the segments decoded from one window, placed on the recording's timeline."""
+    text_tokens = [t for s in segments for t in s.tokens]
+    if not text_tokens:
+        return
+    words = find_alignment(engine.model, tokenizer, text_tokens, features, window)
+    i = 0
+    for segment in segments:
+        count = 0
+        taken: list[WordTiming] = []
+        while i < len(words) and count < len(segment.tokens):
+            w = words[i]
+            taken.append(replace(w, start=w.start + offset, end=w.end + offset))
+            count += len(w.tokens)
+            i += 1
+        segment.words = taken
+        if taken:
+            segment.start, segment.end = taken[0].start, taken[-1].end
+

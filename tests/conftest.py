@@ -1,0 +1,47 @@
+"""Shared fixtures: a tiny random Whisper, the bundled tiny.en weights and the ../shared/eval data."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from streaming.model import ModelDims, Whisper
+from streaming.weights import LoadedModel, load_model
+
+# The test machines have 2 cores; torch's default intra-op pool (one thread per core or more) plus the
+# threads of pytest, asyncio and CTranslate2 oversubscribes them and makes the tests slower and flakier.
+torch.set_num_threads(2)
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+TINY_DIMS = ModelDims(n_mels=80, n_audio_ctx=1500, n_audio_state=64, n_audio_head=2, n_audio_layer=2,
+                      n_vocab=51864, n_text_ctx=448, n_text_state=64, n_text_head=2, n_text_layer=2)
+
+
+@pytest.fixture(scope="session")
+def tiny_model() -> Whisper:
+    """A small randomly initialised (seeded, so deterministic) Whisper with tiny.en's vocabulary."""
+    torch.manual_seed(0)
+    model = Whisper(TINY_DIMS)
+    torch.nn.init.normal_(model.decoder.positional_embedding, std=0.02)  # created with torch.empty
+    return model.eval().requires_grad_(False)
+
+
+@pytest.fixture(scope="session")
+def real_model() -> LoadedModel:
+    """The bundled tiny.en weights, loaded once per session (float32 on CPU: deterministic references)."""
+    return load_model("tiny.en", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def shared_eval() -> Path:
+    """``../shared/eval`` beside the repository: required in CI, optional on a developer machine."""
+    path = (REPO_ROOT.parent / "shared" / "eval").resolve()
+    if not path.is_dir():
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"CI must provide the evaluation data at {path} (a ../shared checkout)")
+        pytest.skip(f"evaluation data not found at {path} (needs a ../shared checkout)")
+    return path

@@ -1,0 +1,168 @@
+"""Tests for the LocalAgreement-n commit policy and committed-overlap dropping."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from streaming.agreement import LocalAgreement, Word, drop_committed_overlap, drop_repetitions, normalize
+
+
+def words(text: str, start: float = 0.0, step: float = 0.5, probability: float = 0.9) -> list[Word]:
+    """Whisper-style words (leading space) spaced ``step`` seconds apart from ``start``."""
+    return [Word(f" {t}", start + i * step, start + (i + 1) * step, probability)
+            for i, t in enumerate(text.split())]
+
+
+def text(ws: list[Word]) -> str:
+    return "".join(w.text for w in ws)
+
+
+def test_normalize_strips_case_whitespace_and_surrounding_punctuation() -> None:
+    assert normalize(" Hello,") == normalize("hello") == normalize('"HELLO!"') == "hello"
+    assert normalize(" ¿Qué?") == "qué"
+    assert normalize(" don't") == "don't"
+    assert normalize(" ...") == ""
+
+
+def test_n_must_be_positive() -> None:
+    with pytest.raises(ValueError, match="n=0"):
+        LocalAgreement(0)
+
+
+def test_local_agreement_2_commits_the_common_prefix() -> None:
+    la = LocalAgreement(2)
+    assert la.update(words("and so")) == ([], words("and so"))
+    committed, partial = la.update(words("and so my fellow"))
+    assert text(committed) == " and so" and text(partial) == " my fellow"
+    # The caller now passes only the uncommitted part; it is compared with the shifted remainder.
+    committed, partial = la.update(words("my fellow americans", start=1.0))
+    assert text(committed) == " my fellow" and text(partial) == " americans"
+    committed, partial = la.update(words("americans ask", start=2.0))
+    assert text(committed) == " americans" and text(partial) == " ask"
+    assert text(la.commit_all()) == " ask"
+    assert la.commit_all() == []
+
+
+def test_disagreement_commits_only_up_to_the_first_difference() -> None:
+    la = LocalAgreement(2)
+    la.update(words("ask knot what"))
+    committed, partial = la.update(words("ask not what"))
+    assert text(committed) == " ask" and text(partial) == " not what"
+    committed, partial = la.update(words("not what you"))
+    assert text(committed) == " not what" and text(partial) == " you"
+
+
+def test_commits_take_the_newest_hypothesis_timings() -> None:
+    la = LocalAgreement(2)
+    la.update([Word(" Hello", 0.0, 0.4, 0.5)])
+    newest = [Word(" hello,", 0.1, 0.5, 0.8), Word(" world", 0.6, 1.0, 0.7)]
+    committed, partial = la.update(newest)
+    assert committed == newest[:1] and partial == newest[1:]
+
+
+def test_n1_commits_everything_immediately() -> None:
+    la = LocalAgreement(1)
+    assert la.update(words("one two")) == (words("one two"), [])
+    assert la.update(words("three")) == (words("three"), [])
+    assert la.commit_all() == []
+
+
+def test_n3_needs_three_agreeing_hypotheses() -> None:
+    la = LocalAgreement(3)
+    assert la.update(words("go")) == ([], words("go"))
+    assert la.update(words("go forward")) == ([], words("go forward"))
+    committed, partial = la.update(words("go forward ten"))
+    assert text(committed) == " go" and text(partial) == " forward ten"
+    # Remainders now: "forward", "forward ten"; the third agrees on "forward" only.
+    committed, partial = la.update(words("forward ten meters"))
+    assert text(committed) == " forward" and text(partial) == " ten meters"
+    committed, partial = la.update(words("ten meters"))
+    assert text(committed) == " ten" and text(partial) == " meters"
+
+
+def test_matching_ignores_case_and_punctuation() -> None:
+    la = LocalAgreement(2)
+    la.update([Word(" Ever", 0, 1, 1), Word(" tried.", 1, 2, 1)])
+    committed, partial = la.update([Word(" ever", 0, 1, 1), Word(" Tried,", 1, 2, 1), Word(" ever", 2, 3, 1)])
+    assert text(committed) == " ever Tried," and text(partial) == " ever"
+
+
+def test_commit_all_and_reset() -> None:
+    la = LocalAgreement(2)
+    la.update(words("front left"))
+    assert text(la.commit_all()) == " front left"
+    la.update(words("rear"))
+    la.reset()
+    assert la.update(words("rear right")) == ([], words("rear right"))
+
+
+def test_drop_overlap_by_text() -> None:
+    committed = words("ask what you can do", start=5.0)
+    hypothesis = words("can do for your country", start=7.0)  # times past the committed end
+    assert text(drop_committed_overlap(hypothesis, committed)) == " for your country"
+
+
+def test_drop_overlap_prefers_the_longest_text_match() -> None:
+    committed = words("do do do", start=0.0)
+    hypothesis = words("do do go", start=2.0)
+    assert text(drop_committed_overlap(hypothesis, committed)) == " go"
+
+
+def test_drop_overlap_ignores_times() -> None:
+    committed = words("ask not what your country", start=1.0)
+    hypothesis = [Word(" country's", 3.0, 3.3, 0.9), Word(" can", 3.45, 3.7, 0.9), Word(" do", 3.7, 4.0, 0.9)]
+    assert text(drop_committed_overlap(hypothesis, committed)) == " country's can do"
+
+
+def test_drop_repetitions_cuts_loops_but_keeps_real_text() -> None:
+    assert text(drop_repetitions(words("ask what you can do ask what you can do ask"))) == " ask what you can do"
+    assert text(drop_repetitions(words("no no no no matter"))) == " no"
+    assert text(drop_repetitions(words("no no matter"))) == " no no matter"
+    assert text(drop_repetitions(words("fail again fail better"))) == " fail again fail better"
+    assert drop_repetitions([]) == []
+
+
+def test_drop_overlap_keeps_new_words_and_looks_back_at_most_five() -> None:
+    assert drop_committed_overlap(words("new words"), []) == words("new words")
+    committed = words("a b c d e f", start=0.0)
+    assert text(drop_committed_overlap(words("x y", start=5.0), committed)) == " x y"
+    assert text(drop_committed_overlap(words("a b c d e f g", start=5.0), committed)) == " a b c d e f g"
+    assert text(drop_committed_overlap(words("b c d e f g", start=5.0), committed)) == " g"
+
+
+# --- properties ------------------------------------------------------------------------------------------
+
+VOCAB = st.sampled_from(["the", "north", "wind", "sun", "ask", "not", "what", "you", "can", "do"])
+
+
+@given(final=st.lists(VOCAB, max_size=25), cuts=st.lists(st.integers(0, 25), min_size=1, max_size=12),
+       n=st.integers(1, 4))
+def test_consistent_hypotheses_commit_exactly_the_last_hypothesis(final: list[str], cuts: list[int],
+                                                                  n: int) -> None:
+    """Growing prefixes of one transcript: commits are append-only and add up to the last hypothesis."""
+    target = words(" ".join(final))
+    lengths = sorted(min(c, len(target)) for c in cuts)
+    la, committed = LocalAgreement(n), []
+    for length in lengths:
+        new, partial = la.update(target[len(committed) : length])
+        assert new + partial == target[len(committed) : length]
+        committed += new
+        assert committed == target[: len(committed)]
+    assert committed + la.commit_all() == target[: lengths[-1]]
+
+
+@given(hypotheses=st.lists(st.lists(VOCAB, max_size=6), min_size=1, max_size=10), n=st.integers(1, 3))
+def test_commits_are_agreed_by_the_last_n_hypotheses(hypotheses: list[list[str]], n: int) -> None:
+    """Arbitrary hypotheses: every commit is a prefix that the last n (shifted) hypotheses share."""
+    la = LocalAgreement(n)
+    history: list[list[str]] = []
+    for hyp in hypotheses:
+        history = (history + [hyp])[-n:]
+        new, partial = la.update(words(" ".join(hyp)))
+        keys = [normalize(w.text) for w in new]
+        assert new + partial == words(" ".join(hyp))
+        if new:
+            assert len(history) == n and all(h[: len(keys)] == keys for h in history)
+        history = [h[len(keys) :] for h in history]
