@@ -94,3 +94,15 @@ def run_window(engine: Engine, request: WindowRequest, policy: FallbackPolicy = 
             reply.words.append(word)
         seen += len(word.tokens)
     return reply
+
+
+def run_windows(engine: Engine, requests: list[WindowRequest]) -> list[WindowReply | Exception]:
+    """Run several streams' window updates; a request that raises gets its exception back, the others
+    their replies (one stream's failure never fails another)."""
+    results: list[WindowReply | Exception] = []
+    for request in requests:
+        try:
+            results.append(run_window(engine, request))
+        except Exception as exc:  # noqa: BLE001 - handed back to the stream that caused it
+            results.append(exc)
+    return results

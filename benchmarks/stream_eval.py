@@ -1,0 +1,112 @@
+"""Stream evaluator: plays eval streams through the recogniser and scores WER and final-word latency.
+
+Real-time mode (default, ``--speed 1``) is computation-aware: audio becomes available only as wall-clock
+time passes, inference runs on the same clock, and each event is stamped when it is produced.
+``--speed 0`` runs as fast as possible and stamps events with the audio time fed so far (for tests).
+
+Usage: python benchmarks/stream_eval.py [--streams en_prompts en_mixed noise_only] [--model tiny.en]
+       [--speed 1] [--threads 1] [--min-chunk 0.5] [--agreement 2] [--out benchmarks/out]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import time
+from pathlib import Path
+
+import numpy as np
+from evalkit import ROOT, load_stream, machine, scorer
+
+from streaming.engine import Engine, configure_threads
+from streaming.inference import run_window
+from streaming.recognizer import StreamCore, StreamOptions
+
+CHUNK = 320  # 20 ms, as a live client sends
+
+
+def cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def play(engine: Engine, audio: np.ndarray, options: StreamOptions, speed: float = 1.0) -> tuple[list[dict], dict]:
+    """Stream ``audio`` through a fresh recogniser; returns the event log and run statistics."""
+    core = StreamCore(options, engine.multilingual)
+    log: list[dict] = []
+    sent = 0
+    started, cpu_start = time.perf_counter(), cpu_seconds()
+    decodes = 0
+
+    def clock() -> float:
+        return time.perf_counter() - started if speed > 0 else sent / 16000
+
+    def record(events) -> None:
+        t = clock()
+        for event in events:
+            log.append({"t": round(t, 3), **event.to_dict()})
+
+    while True:
+        available = len(audio) if speed <= 0 else min(len(audio), int(clock() * speed * 16000))
+        if speed <= 0:
+            available = min(len(audio), sent + CHUNK)
+        while sent + CHUNK <= available or (available == len(audio) and sent < available):
+            record(core.feed(audio[sent: sent + CHUNK]))
+            sent = min(sent + CHUNK, len(audio))
+        request = core.next_request()
+        if request is not None:
+            reply = run_window(engine, request)
+            decodes += 1
+            record(core.complete(request, reply))
+            continue
+        if sent >= len(audio):
+            break
+        if speed > 0:
+            time.sleep(max(0.0, (sent + CHUNK) / 16000 / speed - clock()) + 0.001)
+    record(core.flush())
+    while (request := core.next_request()) is not None:
+        record(core.complete(request, run_window(engine, request)))
+        decodes += 1
+    stats = {"audio_seconds": len(audio) / 16000, "wall_seconds": time.perf_counter() - started,
+             "cpu_seconds": cpu_seconds() - cpu_start, "decodes": decodes}
+    return log, stats
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--streams", nargs="+", default=["en_prompts", "en_mixed", "noise_only"])
+    parser.add_argument("--model", default="tiny.en")
+    parser.add_argument("--language", default=None)
+    parser.add_argument("--speed", type=float, default=1.0, help="1 = real time; 0 = as fast as possible")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--min-chunk", type=float, default=StreamOptions.min_chunk)
+    parser.add_argument("--agreement", type=int, default=StreamOptions.agreement)
+    parser.add_argument("--beam-size", type=int, default=StreamOptions.beam_size)
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "out"))
+    args = parser.parse_args()
+    configure_threads(args.threads)
+    engine = Engine.load(args.model)
+    options = StreamOptions(language=args.language, min_chunk=args.min_chunk, agreement=args.agreement,
+                            beam_size=args.beam_size)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    score = scorer().score
+    print(f"# streaming, {args.model}, speed {args.speed or 'max'}, {args.threads} thread(s), min_chunk "
+          f"{args.min_chunk}, LocalAgreement-{args.agreement}, beam {args.beam_size}, {machine()}")
+    print(f"{'stream':<12} {'WER %':>6} {'p50 s':>6} {'p90 s':>6} {'words':>6} {'cpu s/audio s':>14} {'decodes':>8}")
+    for name in args.streams:
+        audio, reference = load_stream(name)
+        log, stats = play(engine, audio, options, args.speed)
+        path = out / f"{name}.jsonl"
+        path.write_text("".join(json.dumps(e) + "\n" for e in log))
+        result = score(reference, log)
+        wer = "-" if result["wer"] is None else f"{100 * result['wer']:6.2f}"
+        fmt = lambda v: "-" if v is None else f"{v:6.2f}"  # noqa: E731
+        print(f"{name:<12} {wer:>6} {fmt(result['latency_p50']):>6} {fmt(result['latency_p90']):>6} "
+              f"{result['hyp_words']:>6} {stats['cpu_seconds'] / stats['audio_seconds']:14.3f} "
+              f"{stats['decodes']:>8}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
