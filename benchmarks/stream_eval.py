@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import resource
 import time
 from pathlib import Path
@@ -84,7 +85,10 @@ def main() -> None:
     parser.add_argument("--agreement", type=int, default=StreamOptions.agreement)
     parser.add_argument("--beam-size", type=int, default=StreamOptions.beam_size)
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "out"))
+    parser.add_argument("--debug-log", default=None, help="write the recogniser's debug log here")
     args = parser.parse_args()
+    if args.debug_log:
+        logging.basicConfig(filename=args.debug_log, level=logging.DEBUG, filemode="w")
     configure_threads(args.threads)
     engine = Engine.load(args.model)
     options = StreamOptions(language=args.language, min_chunk=args.min_chunk, agreement=args.agreement,

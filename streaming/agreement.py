@@ -6,8 +6,6 @@ import unicodedata
 from collections import deque
 from dataclasses import dataclass, field
 
-OVERLAP_MAX_WORDS = 5
-
 
 @dataclass(frozen=True)
 class Word:
@@ -31,35 +29,8 @@ def normalize(text: str) -> str:
     return text[lo:hi].strip().lower()
 
 
-def _keys(words: list[Word]) -> list[str]:
+def keys(words: list[Word]) -> list[str]:
     return [normalize(w.text) for w in words]
-
-
-def drop_committed_overlap(hypothesis: list[Word], committed_tail: list[Word]) -> list[Word]:
-    """Remove the leading words of ``hypothesis`` that repeat the end of ``committed_tail``.
-
-    Matches the longest leading run (up to ``OVERLAP_MAX_WORDS``) by text alone: word times from
-    cross-attention are least reliable at window edges, exactly where the overlap sits.
-    """
-    tail, head = _keys(committed_tail[-OVERLAP_MAX_WORDS:]), _keys(hypothesis[:OVERLAP_MAX_WORDS])
-    for k in range(min(len(tail), len(head)), 0, -1):
-        if head[:k] == tail[-k:]:
-            return list(hypothesis[k:])
-    return list(hypothesis)
-
-
-def drop_repetitions(words: list[Word]) -> list[Word]:
-    """Cut a hypothesis where it starts looping: a phrase of two or more words repeated back to back,
-    or one word three times in a row. Whisper does this on short windows; speech almost never does."""
-    keys = _keys(words)
-    for i in range(len(keys)):
-        for size in range(1, (len(keys) - i) // 2 + 1):
-            gram = keys[i:i + size]
-            if keys[i + size:i + 2 * size] != gram:
-                continue
-            if size >= 2 or keys[i + 2 * size:i + 3 * size] == gram:
-                return words[:i + size]
-    return list(words)
 
 
 class LocalAgreement:
@@ -76,9 +47,8 @@ class LocalAgreement:
         self._history.append(hypothesis)
         if len(self._history) < self._history.maxlen:
             return [], hypothesis
-        keys = [_keys(h) for h in self._history]
         agreed = 0
-        for column in zip(*keys, strict=False):
+        for column in zip(*(keys(h) for h in self._history)):
             if any(key != column[0] for key in column):
                 break
             agreed += 1

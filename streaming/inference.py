@@ -22,6 +22,10 @@ from .mel import HOP_LENGTH, SAMPLE_RATE
 MAX_TOKENS_PER_SECOND = 8
 MIN_SAMPLE_LEN = 12
 PROMPT_TOKENS = 96
+# Noise that passes the VAD makes Whisper say " You" or " Thank you." with a high no-speech probability and
+# words it barely believes; real speech rarely has both.
+NO_SPEECH_GATE = 0.6
+WORD_PROBABILITY_GATE = 0.4
 # Silence appended to every window, rounded up to a whole bucket: with no silence after the speech a short
 # audio context makes Whisper loop ("and so and so ..."); equal bucket sizes let the scheduler batch encoders.
 TRAILING_SILENCE = 4.0
@@ -93,6 +97,9 @@ def run_window(engine: Engine, request: WindowRequest, policy: FallbackPolicy = 
         if seen >= len(request.prefix):
             reply.words.append(word)
         seen += len(word.tokens)
+    if reply.words and reply.no_speech_prob > NO_SPEECH_GATE:
+        if sum(w.probability for w in reply.words) / len(reply.words) < WORD_PROBABILITY_GATE:
+            reply.words, reply.silence = [], True
     return reply
 
 

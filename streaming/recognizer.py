@@ -8,16 +8,20 @@ It asks for work with :meth:`StreamCore.next_request` and takes the answer in :m
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections import deque
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from .agreement import LocalAgreement, Word, drop_committed_overlap, drop_repetitions, normalize
+from .agreement import LocalAgreement, Word
 from .events import Event, Final, LanguageDetected, Partial, UtteranceEnd
+from .guards import cut_loops, drop_redecoded
 from .inference import PROMPT_TOKENS, WindowReply, WindowRequest, run_window
 from .vad import SAMPLE_RATE, SpeechAudio, SpeechEnd, SpeechStart, VadConfig, VoiceActivityDetector
 from .window import AudioWindow
+
+log = logging.getLogger(__name__)
 
 SENTENCE_END = (".", "?", "!", "。", "？", "！")
 
@@ -51,7 +55,7 @@ class StreamOptions:
         self.vad.validate()
 
 
-TAIL_WORDS = 16
+FINAL_DECODE_MIN_NEW = 0.1
 # A window that has not committed anything for this long is committed whole (bounds latency).
 FORCE_COMMIT_SECONDS = 20.0
 
@@ -68,7 +72,7 @@ class StreamCore:
         self._agreement = LocalAgreement(options.agreement)
         self._context: list[int] = []  # tokens of committed text before the window (the prompt)
         self._window_words: list[Word] = []  # committed words still inside the window (forced prefix)
-        self._tail: list[Word] = []  # the utterance's last committed words, to drop re-decoded overlap
+        self._utterance_words: list[Word] = []  # committed in this utterance, to drop re-decoded text
         self._pending: WindowRequest | None = None
         self._decoded_to = 0  # window end sample at the last decode
         self._ending = False  # an endpoint was reached: decode once more and commit everything
@@ -119,10 +123,8 @@ class StreamCore:
         return self._request(final=False)
 
     def _final_decode_needed(self) -> bool:
-        """At an endpoint, decode again only if speech arrived since the last decode: the audio after it
-        may be just the VAD hangover (silence), on which Whisper tends to repeat itself."""
-        new = self._window.end_sample - self._decoded_to
-        return new > self.options.vad.hangover_ms * SAMPLE_RATE // 1000
+        """At an endpoint, decode again unless almost nothing arrived since the last decode."""
+        return self._window.end_sample - self._decoded_to > FINAL_DECODE_MIN_NEW * SAMPLE_RATE
 
     def _request(self, final: bool) -> WindowRequest:
         self._pending = WindowRequest(
@@ -144,15 +146,15 @@ class StreamCore:
         offset = self._window.start
         words = [Word(w.word, offset + w.start, offset + w.end, w.probability, tuple(w.tokens))
                  for w in reply.words]
-        if not request.prefix:
-            words = drop_committed_overlap(words, self._tail)
-        words = _cut_loops(self._window_words, words)
-        words = drop_repeated_prefix(words, self._tail)
+        words = drop_redecoded(cut_loops(self._window_words, words), self._utterance_words)
         if request.final or self._window.duration >= FORCE_COMMIT_SECONDS:
             committed, _ = self._agreement.update(words)
             committed, partial = committed + self._agreement.commit_all(), []
         else:
             committed, partial = self._agreement.update(words)
+        log.debug("window %.2f-%.2fs final=%s prefix=%d tokens: heard %r, committed %r",
+                  self._window.start, self._window.end, request.final, len(request.prefix),
+                  "".join(w.word for w in reply.words), "".join(w.text for w in committed))
         events += self._commit(committed)
         if request.final:
             events += self._end_utterance()
@@ -189,7 +191,7 @@ class StreamCore:
         if not words:
             return []
         self._window_words += words
-        self._tail = (self._tail + words)[-TAIL_WORDS:]
+        self._utterance_words += words
         self._utterance_has_text = True
         text = "".join(w.text for w in words)
         return [Final(self._segment, text, words[0].start, words[-1].end, tuple(words))]
@@ -214,7 +216,7 @@ class StreamCore:
             self._segment += 1
         self._context += [t for w in self._window_words for t in w.tokens]
         self._context = self._context[-PROMPT_TOKENS:]
-        self._window_words, self._tail, self._partial_text, self._utterance_has_text = [], [], "", False
+        self._window_words, self._utterance_words, self._partial_text, self._utterance_has_text = [], [], "", False
         self._agreement.reset()
         self._window.open(self._window.end_sample)
         self._decoded_to = self._window.end_sample
@@ -238,38 +240,6 @@ class StreamCore:
         done, self._window_words = words[:cut], words[cut:]
         self._context = (self._context + [t for w in done for t in w.tokens])[-PROMPT_TOKENS:]
         self._window.trim(self._window_words[0].start)
-
-
-def _cut_loops(prefix: list[Word], words: list[Word]) -> list[Word]:
-    """Cut a repetition loop in the new words, also one that began by repeating the committed prefix."""
-    kept = drop_repetitions(prefix + words)
-    if len(kept) < len(prefix):
-        return drop_repetitions(words)
-    return kept[len(prefix):]
-
-
-def drop_repeated_prefix(words: list[Word], committed: list[Word]) -> list[Word]:
-    """Drop the start of a hypothesis that re-transcribes already committed words: a run of three or more
-    words found verbatim in the recent committed text, or four or more after a first word that differs
-    ("Feel like these days go" after "Feels like these days go")."""
-    keys = [normalize(w.text) for w in words]
-    done = [normalize(w.text) for w in committed]
-    for skip, needed in ((0, 3), (1, 4)):
-        run = _longest_run_in(keys[skip:], done)
-        if run >= needed:
-            return words[skip + run:]
-    return words
-
-
-def _longest_run_in(keys: list[str], text: list[str]) -> int:
-    """Length of the longest leading run of ``keys`` that occurs contiguously in ``text``."""
-    best = 0
-    for start in range(len(text)):
-        n = 0
-        while n < len(keys) and start + n < len(text) and text[start + n] == keys[n]:
-            n += 1
-        best = max(best, n)
-    return best
 
 
 class Recognizer:

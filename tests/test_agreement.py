@@ -1,4 +1,4 @@
-"""Tests for the LocalAgreement-n commit policy and committed-overlap dropping."""
+"""Tests for the LocalAgreement-n commit policy."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from streaming.agreement import LocalAgreement, Word, drop_committed_overlap, drop_repetitions, normalize
+from streaming.agreement import LocalAgreement, Word, normalize
 
 
 def words(text: str, start: float = 0.0, step: float = 0.5, probability: float = 0.9) -> list[Word]:
@@ -96,40 +96,6 @@ def test_commit_all_and_reset() -> None:
     la.update(words("rear"))
     la.reset()
     assert la.update(words("rear right")) == ([], words("rear right"))
-
-
-def test_drop_overlap_by_text() -> None:
-    committed = words("ask what you can do", start=5.0)
-    hypothesis = words("can do for your country", start=7.0)  # times past the committed end
-    assert text(drop_committed_overlap(hypothesis, committed)) == " for your country"
-
-
-def test_drop_overlap_prefers_the_longest_text_match() -> None:
-    committed = words("do do do", start=0.0)
-    hypothesis = words("do do go", start=2.0)
-    assert text(drop_committed_overlap(hypothesis, committed)) == " go"
-
-
-def test_drop_overlap_ignores_times() -> None:
-    committed = words("ask not what your country", start=1.0)
-    hypothesis = [Word(" country's", 3.0, 3.3, 0.9), Word(" can", 3.45, 3.7, 0.9), Word(" do", 3.7, 4.0, 0.9)]
-    assert text(drop_committed_overlap(hypothesis, committed)) == " country's can do"
-
-
-def test_drop_repetitions_cuts_loops_but_keeps_real_text() -> None:
-    assert text(drop_repetitions(words("ask what you can do ask what you can do ask"))) == " ask what you can do"
-    assert text(drop_repetitions(words("no no no no matter"))) == " no"
-    assert text(drop_repetitions(words("no no matter"))) == " no no matter"
-    assert text(drop_repetitions(words("fail again fail better"))) == " fail again fail better"
-    assert drop_repetitions([]) == []
-
-
-def test_drop_overlap_keeps_new_words_and_looks_back_at_most_five() -> None:
-    assert drop_committed_overlap(words("new words"), []) == words("new words")
-    committed = words("a b c d e f", start=0.0)
-    assert text(drop_committed_overlap(words("x y", start=5.0), committed)) == " x y"
-    assert text(drop_committed_overlap(words("a b c d e f g", start=5.0), committed)) == " a b c d e f g"
-    assert text(drop_committed_overlap(words("b c d e f g", start=5.0), committed)) == " g"
 
 
 # --- properties ------------------------------------------------------------------------------------------
