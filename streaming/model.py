@@ -40,7 +40,8 @@ class KVCache:
     """Decoder state for a batch of token sequences.
 
     ``self_kv`` grows by one entry per decoded position; ``cross_kv`` is computed once from the audio
-    features. Tensors are [batch, heads, time, head_dim]. ``audio_mask`` (optional, [batch, audio_ctx],
+    features. Tensors are [batch, heads, time, head_dim]; a ``cross_kv`` of batch 1 is shared by every row
+    (beams and samples of one audio window), so reordering rows never copies it. ``audio_mask`` (optional, [batch, audio_ctx],
     True = keep) hides padding when streams with different audio lengths share a batch.
     """
 
@@ -54,13 +55,15 @@ class KVCache:
 
     @property
     def batch_size(self) -> int:
-        return self.cross_kv[0][0].shape[0]
+        return (self.self_kv or self.cross_kv)[0][0].shape[0]
 
     def select(self, index: Tensor) -> KVCache:
         """Rows ``index`` of the batch (beam reordering, splitting a batch back into streams)."""
         pick = lambda kv: (kv[0].index_select(0, index), kv[1].index_select(0, index))  # noqa: E731
-        mask = None if self.audio_mask is None else self.audio_mask.index_select(0, index)
-        return KVCache([pick(kv) for kv in self.self_kv], [pick(kv) for kv in self.cross_kv], mask)
+        shared = self.cross_kv[0][0].shape[0] == 1
+        cross = self.cross_kv if shared else [pick(kv) for kv in self.cross_kv]
+        mask = None if self.audio_mask is None or shared else self.audio_mask.index_select(0, index)
+        return KVCache([pick(kv) for kv in self.self_kv], cross, mask)
 
     def trim(self, length: int) -> KVCache:
         """Keep only the first ``length`` decoded positions (e.g. the committed prefix)."""
@@ -101,6 +104,8 @@ class MultiHeadAttention(nn.Module):
         positions before ``x`` (None: no causal mask). Returns output and, if asked, the weights."""
         q = self.heads(self.query(x))
         k, v = kv
+        if k.shape[0] != q.shape[0]:  # one audio shared by several rows
+            k, v = k.expand(q.shape[0], -1, -1, -1), v.expand(q.shape[0], -1, -1, -1)
         t_q, t_k = q.shape[2], k.shape[2]
         if causal_offset is not None and t_q > 1:
             causal = torch.ones(t_q, t_k, dtype=torch.bool, device=x.device).tril(causal_offset)

@@ -80,6 +80,8 @@ def transcribe(engine: Engine, audio: np.ndarray, options: TranscribeOptions = T
             seek += window
             continue
         new_segments, consumed = _split_segments(result.tokens, tokenizer.timestamp_begin, window)
+        if new_segments and window == N_FRAMES and result.tokens[-1] < tokenizer.timestamp_begin:
+            new_segments, consumed = _anchor_open_end(engine, tokenizer, features, new_segments)
         for seg_tokens, seg_start, seg_end in new_segments:
             text = tokenizer.decode(seg_tokens)
             if not text.strip():
@@ -123,6 +125,17 @@ def _split_segments(tokens: list[int], tb: int, window: int) -> tuple[list[tuple
     start = (stamps[0] - tb) * SECONDS_PER_TOKEN if stamps and len(stamps) > 1 else 0.0
     text = [t for t in tokens if t < tb]
     return ([(text, start, end)] if text else []), window
+
+
+def _anchor_open_end(engine: Engine, tokenizer, features, segments):
+    """The text ended without a closing timestamp in a full window: rather than skip the rest of the 30 s
+    (losing any speech after the text), end the last segment where its last word ends and seek there."""
+    text_tokens, start, _ = segments[-1]
+    words = find_alignment(engine.model, tokenizer, text_tokens, features, N_FRAMES)
+    if not words:
+        return segments, N_FRAMES
+    end = max(words[-1].end, start + SECONDS_PER_TOKEN)
+    return segments[:-1] + [(text_tokens, start, end)], max(1, round(end * FRAMES_PER_SECOND))
 
 
 def _add_words(engine: Engine, tokenizer, features, segments: list[Segment], window: int, offset: float) -> None:
