@@ -23,7 +23,7 @@ def _transcribe(args: argparse.Namespace) -> int:
         return 2
     try:
         engine = Engine.load(args.model, device=args.device)
-    except ModelLoadError as exc:
+    except (ModelLoadError, OSError, ValueError) as exc:  # OSError/ValueError: the tokenizer's vocabulary
         print(f"whisper-stream: {exc}", file=sys.stderr)
         return 2
     options = TranscribeOptions(language=args.language, task=args.task, beam_size=args.beam_size,
@@ -72,7 +72,27 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     t.add_argument("--threads", type=int, default=None, help="torch threads (default: CPU count, max 4)")
     t.set_defaults(run=_transcribe)
+    s = sub.add_parser("serve", help="run the streaming WebSocket server (protocol: docs/protocol.md)")
+    s.add_argument("--model", default="tiny.en", help="tiny.en (default), base, or a local model path")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    s.add_argument("--port", type=int, default=8765, help="port (default: 8765; 0 picks a free one)")
+    s.add_argument("--max-streams", type=int, default=8, help="concurrent streams (default: 8)")
+    s.add_argument("--max-message-bytes", type=int, default=1 << 20, help="largest message (default: 1 MiB)")
+    s.add_argument("--idle-timeout", type=float, default=30.0, help="seconds without a message (0: never)")
+    s.add_argument("--token", default=None, help="require this bearer token (header or ?token=)")
+    s.add_argument("--allow-origin", action="append", help="allowed browser Origin (repeatable; default: any)")
+    s.add_argument("--drain-seconds", type=float, default=10.0, help="on SIGTERM, time to finish open streams")
+    s.add_argument("--threads", type=int, default=1, help="torch threads for the inference worker (default: 1)")
+    s.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    s.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    s.set_defaults(run=_serve)
     return parser
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from .server import serve_command
+
+    return serve_command(args)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -166,7 +166,7 @@ def decode(model: Whisper, tokenizer: Tokenizer, features: Tensor, options: Deco
         tokens, sum_lp, probs = _sample(model, rules, start, options, tokenizer.eot, sample_len, n)
     text_tokens = [t for t in tokens if t != tokenizer.eot]
     text = tokenizer.decode(text_tokens)
-    return DecodingResult(text_tokens, text, sum_lp / (len(tokens) + 1), start.no_speech_prob,
+    return DecodingResult(text_tokens, text, sum_lp / (len(text_tokens) + 1), start.no_speech_prob,
                           options.temperature, compression_ratio(text), probs)
 
 
@@ -216,7 +216,8 @@ def _beam_search(model, rules, start, options, eot, sample_len):
     """Beam search for one audio window; finished hypotheses are ranked by length-normalised score."""
     beam = options.beam_size
     sample_begin = len(start.initial)
-    cache = start.cache.select(torch.zeros(1, dtype=torch.long))
+    device = start.last_logits.device
+    cache = start.cache.select(torch.zeros(1, dtype=torch.long, device=device))
     seqs = [list(start.initial)]
     sum_lps = [0.0]
     probs: list[list[float]] = [[]]
@@ -248,9 +249,9 @@ def _beam_search(model, rules, start, options, eot, sample_len):
                 break
         if len(finished) >= max_finished or not new_seqs or step == sample_len - 1:
             break
-        cache = cache.select(torch.tensor(sources))
+        cache = cache.select(torch.tensor(sources, device=device))
         seqs, sum_lps, probs = new_seqs, new_lps, new_probs
-        step_logits, cache, _ = model.decoder(torch.tensor([[s[-1]] for s in seqs]), cache)
+        step_logits, cache, _ = model.decoder(torch.tensor([[s[-1]] for s in seqs], device=device), cache)
         logits = step_logits[:, -1]
     if not finished:
         finished = [(s, lp, p) for s, lp, p in zip(new_seqs or seqs, new_lps or sum_lps, new_probs or probs)]

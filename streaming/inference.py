@@ -42,6 +42,7 @@ class WindowRequest:
     task: str = "transcribe"
     final: bool = False
     beam_size: int = 1
+    context: float = 0.0  # encode at least this many seconds (window + silence); 30 = Whisper's full window
 
 
 @dataclass
@@ -54,10 +55,12 @@ class WindowReply:
     silence: bool = False
 
 
-def encode_window(engine: Engine, audio: np.ndarray) -> tuple[torch.Tensor, int]:
-    """Encoder output for the window plus trailing silence, and the number of mel frames of real audio."""
+def encode_window(engine: Engine, audio: np.ndarray, context: float = 0.0) -> tuple[torch.Tensor, int]:
+    """Encoder output for the window plus trailing silence (at least ``context`` seconds in all), and the
+    number of mel frames of real audio."""
     seconds = len(audio) / SAMPLE_RATE
-    total = min(30.0, math.ceil((seconds + TRAILING_SILENCE) / CONTEXT_BUCKET) * CONTEXT_BUCKET)
+    total = max(context, math.ceil((seconds + TRAILING_SILENCE) / CONTEXT_BUCKET) * CONTEXT_BUCKET)
+    total = min(30.0, total)
     padding = max(0, round(total * SAMPLE_RATE) - len(audio))
     mel = engine.mel(audio, padding=padding)
     return engine.encode(mel), len(audio) // HOP_LENGTH
@@ -66,7 +69,7 @@ def encode_window(engine: Engine, audio: np.ndarray) -> tuple[torch.Tensor, int]
 def run_window(engine: Engine, request: WindowRequest, policy: FallbackPolicy = FallbackPolicy()) -> WindowReply:
     """Decode the window after the forced ``prefix`` and time every new word (window-relative seconds)."""
     reply = WindowReply(language=request.language)
-    features, frames = encode_window(engine, request.audio)
+    features, frames = encode_window(engine, request.audio, request.context)
     cache = engine.model.decoder.new_cache(features)
     if engine.multilingual and request.language is None:
         reply.language, probs = detect_language(engine.model, engine.tokenizer(None, request.task), features, cache)

@@ -41,8 +41,8 @@ class KVCache:
 
     ``self_kv`` grows by one entry per decoded position; ``cross_kv`` is computed once from the audio
     features. Tensors are [batch, heads, time, head_dim]; a ``cross_kv`` of batch 1 is shared by every row
-    (beams and samples of one audio window), so reordering rows never copies it. ``audio_mask`` (optional, [batch, audio_ctx],
-    True = keep) hides padding when streams with different audio lengths share a batch.
+    (beams and samples of one audio window), so reordering rows never copies it. ``audio_mask`` (optional,
+    [batch, audio_ctx], True = keep) hides padding when streams with different audio lengths share a batch.
     """
 
     self_kv: list[tuple[Tensor, Tensor]]

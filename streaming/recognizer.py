@@ -40,6 +40,8 @@ class StreamOptions:
     max_window: float = 12.0
     sentence_trim: float = 6.0
     beam_size: int = 1
+    final_beam_size: int = 5
+    final_context: float = 30.0
 
     def __post_init__(self) -> None:
         if self.task not in ("transcribe", "translate"):
@@ -50,8 +52,11 @@ class StreamOptions:
             raise ValueError(f"max_window={self.max_window} is out of range; allowed: 2 to 25 seconds")
         if not 1 <= self.agreement <= 5:
             raise ValueError(f"agreement={self.agreement} is out of range; allowed: 1 to 5")
-        if not 1 <= self.beam_size <= 10:
-            raise ValueError(f"beam_size={self.beam_size} is out of range; allowed: 1 to 10")
+        for name in ("beam_size", "final_beam_size"):
+            if not 1 <= getattr(self, name) <= 10:
+                raise ValueError(f"{name}={getattr(self, name)} is out of range; allowed: 1 to 10")
+        if not 0 <= self.final_context <= 30:
+            raise ValueError(f"final_context={self.final_context} is out of range; allowed: 0 to 30 seconds")
         self.vad.validate()
 
 
@@ -127,10 +132,15 @@ class StreamCore:
         return self._window.end_sample - self._decoded_to > FINAL_DECODE_MIN_NEW * SAMPLE_RATE
 
     def _request(self, final: bool) -> WindowRequest:
+        """Interim decodes are cheap: a short audio context, greedy, no previous-text prompt (with a short
+        context the prompt makes Whisper copy it). The decode at an endpoint, which commits the rest of the
+        utterance, gets Whisper's full context, the prompt and beam search."""
+        o = self.options
         self._pending = WindowRequest(
-            audio=self._window.audio.copy(), prompt=tuple(self._context[-PROMPT_TOKENS:]),
-            prefix=tuple(t for w in self._window_words for t in w.tokens), initial_prompt=self.options.prompt,
-            language=self.language, task=self.options.task, final=final, beam_size=self.options.beam_size)
+            audio=self._window.audio.copy(), prompt=tuple(self._context[-PROMPT_TOKENS:]) if final else (),
+            prefix=tuple(t for w in self._window_words for t in w.tokens),
+            initial_prompt=o.prompt, language=self.language, task=o.task, final=final,
+            beam_size=o.final_beam_size if final else o.beam_size, context=o.final_context if final else 0.0)
         self._decoded_to = self._window.end_sample
         return self._pending
 

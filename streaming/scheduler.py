@@ -21,6 +21,8 @@ from .metrics import Metrics
 
 log = logging.getLogger(__name__)
 
+CLOSED_BEFORE_RUN = "the scheduler was closed before this request ran"
+
 Runner = Callable[[Any, list[WindowRequest]], list[WindowReply | Exception]]
 
 
@@ -105,13 +107,12 @@ class Scheduler:
             except queue.Empty:
                 break
             if job is not None:
-                job.deliver(RuntimeError("the scheduler was closed before this request ran"))
+                job.deliver(RuntimeError(CLOSED_BEFORE_RUN))
 
     # --- worker thread -------------------------------------------------------------------------------
 
     def _work(self) -> None:
-        stop = False
-        while not stop:
+        while not self._closed:
             job = self._queue.get()
             if job is None:
                 break
@@ -123,11 +124,13 @@ class Scheduler:
                 except queue.Empty:
                     break
                 if job is None:
-                    stop = True
                     break
                 if not job.abandoned:
                     batch.append(job)
-            if batch:
+            if self._closed:
+                for job in batch:
+                    job.deliver(RuntimeError(CLOSED_BEFORE_RUN))
+            elif batch:
                 self._run(batch)
 
     def _run(self, batch: list[_Job]) -> None:

@@ -10,9 +10,10 @@ import numpy as np
 from .alignment import WordTiming, find_alignment
 from .decoding import DecodingOptions, FallbackPolicy, decode_with_fallback, detect_language, prefill
 from .engine import Engine
-from .mel import FRAMES_PER_SECOND, N_FRAMES, N_SAMPLES, SAMPLE_RATE
+from .mel import FRAMES_PER_SECOND, HOP_LENGTH, N_FRAMES, N_SAMPLES, SAMPLE_RATE
 
 SECONDS_PER_TOKEN = 0.02
+SILENCE_PEAK = 1e-3  # a window whose samples all stay below this (-60 dBFS) is digital silence: not decoded
 
 
 @dataclass
@@ -69,18 +70,30 @@ def transcribe(engine: Engine, audio: np.ndarray, options: TranscribeOptions = T
     history: list[int] = tokenizer.encode(" " + options.initial_prompt.strip()) if options.initial_prompt else []
     segments: list[Segment] = []
     seek = 0
+
+    def report() -> None:
+        if progress:
+            progress(min(seek / FRAMES_PER_SECOND, duration), duration)
+
     while seek < content_frames:
         window = min(N_FRAMES, content_frames - seek)
         offset = seek / FRAMES_PER_SECOND
+        chunk = audio[seek * HOP_LENGTH: (seek + window) * HOP_LENGTH]
+        if len(chunk) == 0 or float(abs(chunk).max()) < SILENCE_PEAK:  # Whisper hallucinates on silence
+            seek += window
+            report()
+            continue
         features = engine.encode(mel[:, seek: seek + N_FRAMES])
         opts = replace(base, prompt=tuple(history) if options.condition_on_previous_text else ())
         start = prefill(engine.model, tokenizer, features, opts)
         result = decode_with_fallback(engine.model, tokenizer, features, opts, options.policy, start)
         if options.policy.is_silence(result):
             seek += window
+            report()
             continue
         new_segments, consumed = _split_segments(result.tokens, tokenizer.timestamp_begin, window)
-        if new_segments and window == N_FRAMES and result.tokens[-1] < tokenizer.timestamp_begin:
+        if (new_segments and window == N_FRAMES and consumed == N_FRAMES
+                and result.tokens[-1] < tokenizer.timestamp_begin):
             new_segments, consumed = _anchor_open_end(engine, tokenizer, features, new_segments)
         for seg_tokens, seg_start, seg_end in new_segments:
             text = tokenizer.decode(seg_tokens)
@@ -92,11 +105,10 @@ def transcribe(engine: Engine, audio: np.ndarray, options: TranscribeOptions = T
         if options.word_timestamps:
             _add_words(engine, tokenizer, features, [s for s in segments if s.start >= offset], window, offset)
         seek += consumed
-        if result.temperature > 0.5:
-            history = []
         history += [t for t in result.tokens if t < tokenizer.eot]
-        if progress:
-            progress(min(seek / FRAMES_PER_SECOND, duration), duration)
+        if result.temperature > 0.5:  # do not condition the next window on a high-temperature guess
+            history = []
+        report()
     return Transcript(language, segments, duration)
 
 
@@ -120,9 +132,9 @@ def _split_segments(tokens: list[int], tb: int, window: int) -> tuple[list[tuple
             return out, window
         last_stamp = tokens[cuts[-1] - 1] - tb
         return out, max(1, round(last_stamp * SECONDS_PER_TOKEN * FRAMES_PER_SECOND))
-    stamps = [t for t in tokens if t >= tb]
-    end = (stamps[-1] - tb) * SECONDS_PER_TOKEN if stamps and stamps[-1] != tb else window / FRAMES_PER_SECOND
-    start = (stamps[0] - tb) * SECONDS_PER_TOKEN if stamps and len(stamps) > 1 else 0.0
+    # a leading timestamp opens the text and only a timestamp after the text closes it
+    end = (tokens[-1] - tb) * SECONDS_PER_TOKEN if single_ending else window / FRAMES_PER_SECOND
+    start = min((tokens[0] - tb) * SECONDS_PER_TOKEN, end) if tokens and is_ts[0] else 0.0
     text = [t for t in tokens if t < tb]
     return ([(text, start, end)] if text else []), window
 

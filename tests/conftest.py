@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from streaming.engine import Engine
 from streaming.model import ModelDims, Whisper
+from streaming.tokenizer import load_tokenizer
 from streaming.weights import LoadedModel, load_model
 
 # The test machines have 2 cores; torch's default intra-op pool (one thread per core or more) plus the
@@ -34,6 +36,13 @@ def tiny_model() -> Whisper:
 def real_model() -> LoadedModel:
     """The bundled tiny.en weights, loaded once per session (float32 on CPU: deterministic references)."""
     return load_model("tiny.en", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def engine(real_model: LoadedModel) -> Engine:
+    """An :class:`Engine` over the session's tiny.en weights (shares ``real_model``, no second load)."""
+    tokenizer = load_tokenizer(real_model.vocab_source, multilingual=real_model.model.is_multilingual)
+    return Engine(real_model.model, tokenizer, real_model.name)
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,414 @@
+"""The WebSocket server: adapts protocol sessions to websockets, shares one model through the scheduler.
+
+One port serves the stream endpoint (``/v1/listen``) and plain HTTP: ``/healthz``, ``/metrics`` and the
+browser client at ``/``. ``Server`` is the embeddable object (tests start it on port 0); ``run_server``
+adds signal handling and draining for the ``whisper-stream serve`` command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hmac
+import http
+import json
+import logging
+import signal
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+from websockets.asyncio.server import ServerConnection, serve
+from websockets.exceptions import ConnectionClosed
+from websockets.http11 import Request, Response
+
+from . import __version__
+from .metrics import Metrics
+from .protocol import (
+    DEFAULT_MAX_MESSAGE_BYTES,
+    INTERNAL_ERROR,
+    PATH,
+    TRY_AGAIN_LATER,
+    Action,
+    Close,
+    EngineInfo,
+    Run,
+    Send,
+    Session,
+    refusal,
+)
+from .scheduler import Scheduler
+
+log = logging.getLogger(__name__)
+
+# Stop reading a client's audio while this much has arrived during one decode (TCP backpressure).
+MAX_BACKLOG_SECONDS = 10.0
+# The browser client ships in the sibling `clients` package (installed beside `streaming`).
+INDEX_PATHS = (Path(__file__).resolve().parent.parent / "clients" / "web" / "index.html",)
+PLACEHOLDER_PAGE = f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>whisper-stream</title></head>
+<body><h1>whisper-stream {__version__}</h1>
+<p>The browser client is not installed. Stream audio over a WebSocket to <code>{PATH}</code>
+(see docs/protocol.md); health at <a href="/healthz">/healthz</a>, metrics at <a href="/metrics">/metrics</a>.</p>
+</body></html>
+"""
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Server settings; ``idle_timeout`` 0 disables it, ``allow_origins`` empty allows every origin."""
+
+    host: str = "127.0.0.1"
+    port: int = 8765
+    max_streams: int = 8
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    idle_timeout: float = 30.0
+    token: str | None = None
+    allow_origins: tuple[str, ...] = ()
+    drain_seconds: float = 10.0
+    max_batch: int = 8
+    max_wait_ms: float = 5.0
+
+    def __post_init__(self) -> None:
+        if self.max_streams < 1:
+            raise ValueError(f"max_streams={self.max_streams} is invalid; use 1 or more")
+        if self.max_message_bytes < 1024:
+            raise ValueError(f"max_message_bytes={self.max_message_bytes} is too small; use at least 1024")
+        if self.idle_timeout < 0 or self.drain_seconds < 0:
+            raise ValueError("idle_timeout and drain_seconds must be >= 0 seconds")
+        if self.token is not None and not self.token:
+            raise ValueError("token is empty; pass a non-empty token or none to disable authentication")
+
+
+class Server:
+    """The streaming server on one engine: ``async with Server(engine, config) as server: server.port``."""
+
+    def __init__(self, engine: Any, config: ServerConfig = ServerConfig()):
+        self.engine = engine
+        self.config = config
+        self.metrics = Metrics()
+        self.info = EngineInfo(engine.name, engine.multilingual)
+        self.draining = False
+        self._connections: dict[asyncio.Task, _Connection] = {}
+        self._scheduler: Scheduler | None = None
+        self._server = None
+
+    async def start(self) -> None:
+        """Start the inference worker and listen; ``port`` tells the bound port (config port 0: any free)."""
+        self._scheduler = Scheduler(self.engine, self.config.max_batch, self.config.max_wait_ms, self.metrics)
+        # Messages up to twice the limit are read so that the session can answer frame_too_large;
+        # larger ones are cut off by websockets with close code 1009.
+        try:
+            self._server = await serve(
+                self._handle, self.config.host, self.config.port, process_request=self._process_request,
+                max_size=2 * self.config.max_message_bytes, compression=None,
+                server_header=f"whisper-stream/{__version__}")
+        except BaseException:
+            await asyncio.to_thread(self._scheduler.close)
+            raise
+        log.info("listening on %s (model %s, at most %d streams)", self.url, self.info.model, self.config.max_streams)
+
+    @property
+    def port(self) -> int:
+        if self._server is None:
+            raise RuntimeError("the server is not started; call start() first")
+        return self._server.sockets[0].getsockname()[1]
+
+    @property
+    def url(self) -> str:
+        return f"ws://{self.config.host}:{self.port}{PATH}"
+
+    @property
+    def active_streams(self) -> int:
+        return len(self._connections)
+
+    async def drain(self, timeout: float) -> bool:
+        """Refuse new streams, end open ones (their audio so far is decoded and sent) and wait up to
+        ``timeout`` seconds for them; True when all finished in time."""
+        self.draining = True
+        for connection in self._connections.values():
+            connection.apply(connection.session.drain())
+        if not self._connections:
+            return True
+        _, pending = await asyncio.wait(list(self._connections), timeout=timeout)
+        if pending:
+            log.warning("drain deadline: closing %d streams that did not finish in %g s", len(pending), timeout)
+        return not pending
+
+    async def close(self) -> None:
+        """Close every connection (1001), stop listening and stop the inference worker."""
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+        if self._scheduler is not None:
+            await asyncio.to_thread(self._scheduler.close)
+
+    async def __aenter__(self) -> Server:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    # --- HTTP ----------------------------------------------------------------------------------------
+
+    def _process_request(self, connection: ServerConnection, request: Request) -> Response | None:
+        url = urlsplit(request.path)
+        if url.path == PATH:
+            return self._check_stream_request(connection, request, parse_qs(url.query))
+        if url.path == "/healthz":
+            status = "draining" if self.draining else "ok"
+            body = {"status": status, "model": self.info.model, "active_streams": self.active_streams,
+                    "capacity": self.config.max_streams}
+            code = http.HTTPStatus.SERVICE_UNAVAILABLE if self.draining else http.HTTPStatus.OK
+            return _respond(connection, code, json.dumps(body), "application/json")
+        if url.path == "/metrics":
+            if not self._authorized(request, parse_qs(url.query)):
+                return self._unauthorized(connection)
+            gauges = {"streams_capacity": ("Maximum concurrent streams.", self.config.max_streams),
+                      "inference_queue": ("Window decodes waiting for the worker.",
+                                          self._scheduler.queued if self._scheduler else 0),
+                      "draining": ("1 while the server shuts down.", int(self.draining))}
+            return _respond(connection, http.HTTPStatus.OK, self.metrics.render(gauges),
+                            "text/plain; version=0.0.4; charset=utf-8")
+        if url.path in ("/", "/index.html"):
+            page = next((p for p in INDEX_PATHS if p.is_file()), None)
+            html = page.read_text(encoding="utf-8") if page else PLACEHOLDER_PAGE
+            return _respond(connection, http.HTTPStatus.OK, html, "text/html; charset=utf-8")
+        return _respond(connection, http.HTTPStatus.NOT_FOUND,
+                        f"not found: {url.path}; the stream endpoint is {PATH}\n", "text/plain; charset=utf-8")
+
+    def _check_stream_request(self, connection: ServerConnection, request: Request,
+                              query: dict[str, list[str]]) -> Response | None:
+        origin = request.headers.get("Origin")
+        if self.config.allow_origins and origin is not None and origin not in self.config.allow_origins:
+            self.metrics.count_error("forbidden_origin")
+            log.info("refused a stream from origin %r (not in --allow-origin)", origin)
+            return _respond(connection, http.HTTPStatus.FORBIDDEN,
+                            "forbidden_origin: this origin may not open streams\n", "text/plain; charset=utf-8")
+        if not self._authorized(request, query):
+            return self._unauthorized(connection)
+        if self.draining:
+            return _respond(connection, http.HTTPStatus.SERVICE_UNAVAILABLE,
+                            "draining: the server is shutting down; retry on another instance\n",
+                            "text/plain; charset=utf-8")
+        return None
+
+    def _authorized(self, request: Request, query: dict[str, list[str]]) -> bool:
+        if self.config.token is None:
+            return True
+        header = request.headers.get("Authorization", "")
+        given = header[7:] if header[:7].lower() == "bearer " else (query.get("token") or [""])[0]
+        return hmac.compare_digest(given.encode(), self.config.token.encode())
+
+    def _unauthorized(self, connection: ServerConnection) -> Response:
+        self.metrics.count_error("unauthorized")
+        response = _respond(connection, http.HTTPStatus.UNAUTHORIZED,
+                            "unauthorized: send the token as 'Authorization: Bearer <token>' or '?token=<token>'\n",
+                            "text/plain; charset=utf-8")
+        response.headers["WWW-Authenticate"] = "Bearer"
+        return response
+
+    # --- WebSocket -----------------------------------------------------------------------------------
+
+    async def _handle(self, ws: ServerConnection) -> None:
+        assert self._scheduler is not None
+        if len(self._connections) >= self.config.max_streams:
+            self.metrics.count_error("capacity")
+            log.warning("refused a stream from %s: all %d streams busy", _peer(ws), self.config.max_streams)
+            await _send_all(ws, refusal("capacity", f"the server is at its limit of {self.config.max_streams} "
+                                                    "streams; retry later", TRY_AGAIN_LATER))
+            return
+        session = Session(self.info, max_message_bytes=self.config.max_message_bytes)
+        connection = _Connection(ws, session, self._scheduler, self.metrics, self.config.idle_timeout)
+        task = asyncio.current_task()
+        assert task is not None
+        self._connections[task] = connection
+        self.metrics.stream_opened()
+        log.info("session %s: stream opened from %s", session.id, _peer(ws))
+        try:
+            if self.draining:
+                connection.apply(session.drain())
+            await connection.run()
+        except Exception:
+            log.exception("session %s: connection handler failed", session.id)
+            connection.crashed = True
+            await _send_all(ws, refusal("internal", "internal server error (logged on the server)", INTERNAL_ERROR))
+        finally:
+            del self._connections[task]
+            self.metrics.stream_closed()
+            outcome = "failed" if connection.crashed else "ended" if session.closed else "client left"
+            log.info("session %s: %s after %.1f s of audio, %d finals", session.id, outcome, session.audio_seconds,
+                     session.stats["finals"])
+
+
+class _Connection:
+    """Runs one session on one WebSocket: a reader, a writer that keeps messages in order, decode tasks."""
+
+    def __init__(self, ws: ServerConnection, session: Session, scheduler: Scheduler, metrics: Metrics,
+                 idle_timeout: float):
+        self.ws, self.session, self.scheduler, self.metrics = ws, session, scheduler, metrics
+        self.idle_timeout = idle_timeout or None
+        self.outbox: asyncio.Queue[Send | Close] = asyncio.Queue()
+        self.decodes: set[asyncio.Task] = set()
+        self.progress = asyncio.Event()
+        self.crashed = False
+
+    def apply(self, actions: list[Action]) -> None:
+        """Queue messages in order and start decodes (never blocks)."""
+        if self.crashed:
+            return
+        for action in actions:
+            if isinstance(action, Run):
+                task = asyncio.create_task(self._decode(action))
+                self.decodes.add(task)
+                task.add_done_callback(self.decodes.discard)
+                continue
+            if isinstance(action, Send) and action.message["type"] == "error":
+                code = action.message["code"]
+                self.metrics.count_error(code)
+                log.debug("session %s: error %s: %s", self.session.id, code, action.message["message"])
+            elif isinstance(action, Close) and action.code != 1000:
+                log.info("session %s: closing with %d (%s)", self.session.id, action.code, action.reason)
+            self.outbox.put_nowait(action)
+
+    async def run(self) -> None:
+        self.apply(self.session.open())
+        reader, writer = asyncio.create_task(self._read()), asyncio.create_task(self._write())
+        closed = asyncio.create_task(self.ws.wait_closed())
+        try:
+            # The writer returns after sending Close; the reader or `closed` end first when the client leaves.
+            await asyncio.wait({reader, writer, closed}, return_when=asyncio.FIRST_COMPLETED)
+            if self.crashed:
+                await writer  # send the internal error and close 1011
+            if writer.done() and writer.exception() is not None:
+                raise writer.exception()
+        finally:
+            for task in (reader, writer, closed, *self.decodes):
+                task.cancel()  # a client that left frees its stream at once, queued decodes included
+            await asyncio.gather(reader, writer, closed, *self.decodes, return_exceptions=True)
+
+    def _crash(self) -> None:
+        log.exception("session %s: internal error", self.session.id)
+        self.apply(refusal("internal", "internal server error (logged on the server); reconnect to start a "
+                                       "new stream", INTERNAL_ERROR))
+        self.crashed = True
+
+    async def _read(self) -> None:
+        try:
+            while True:  # until the connection closes; a closed session ignores late messages
+                while self.session.backlog_seconds > MAX_BACKLOG_SECONDS:
+                    self.progress.clear()
+                    await self.progress.wait()
+                try:
+                    message = await asyncio.wait_for(self.ws.recv(), self.idle_timeout)
+                except asyncio.TimeoutError:
+                    self.apply(self.session.timed_out(self.idle_timeout or 0))
+                    continue
+                before = self.session.audio_seconds
+                if isinstance(message, str):
+                    self.apply(self.session.receive_text(message))
+                else:
+                    self.apply(self.session.receive_bytes(message))
+                self.metrics.add_audio(self.session.audio_seconds - before)
+        except ConnectionClosed:
+            return
+        except Exception:
+            self._crash()
+
+    async def _write(self) -> None:
+        try:
+            while True:
+                action = await self.outbox.get()
+                if isinstance(action, Send):
+                    await self.ws.send(json.dumps(action.message, ensure_ascii=False))
+                else:
+                    await self.ws.close(action.code, action.reason)
+                    return
+        except ConnectionClosed:
+            return
+
+    async def _decode(self, run: Run) -> None:
+        try:
+            result: Any = await self.scheduler.submit(run.request)
+        except Exception as exc:  # noqa: BLE001 - the session reports it to the client
+            result = exc
+        try:
+            self.apply(self.session.complete(run.request, result))
+        except Exception:
+            self._crash()
+        self.progress.set()
+
+
+async def _send_all(ws: ServerConnection, actions: list[Action]) -> None:
+    try:
+        for action in actions:
+            if isinstance(action, Send):
+                await ws.send(json.dumps(action.message))
+            elif isinstance(action, Close):
+                await ws.close(action.code, action.reason)
+    except ConnectionClosed:
+        pass
+
+
+def _respond(connection: ServerConnection, status: http.HTTPStatus, body: str, content_type: str) -> Response:
+    response = connection.respond(status, body)
+    del response.headers["Content-Type"]
+    response.headers["Content-Type"] = content_type
+    return response
+
+
+def _peer(ws: ServerConnection) -> str:
+    address = ws.remote_address
+    return f"{address[0]}:{address[1]}" if isinstance(address, tuple) else str(address)
+
+
+async def run_server(engine: Any, config: ServerConfig, stop: asyncio.Event | None = None) -> int:
+    """Serve until SIGTERM/SIGINT (or ``stop`` is set), then drain for ``config.drain_seconds``; returns 0."""
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    signals = (signal.SIGTERM, signal.SIGINT)
+    for sig in signals:
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        async with Server(engine, config) as server:
+            await stop.wait()
+            log.info("shutting down: draining %d open stream(s) (up to %g s)", server.active_streams,
+                     config.drain_seconds)
+            await server.drain(config.drain_seconds)
+    finally:
+        for sig in signals:
+            loop.remove_signal_handler(sig)
+    log.info("stopped")
+    return 0
+
+
+def serve_command(args: argparse.Namespace) -> int:
+    """``whisper-stream serve``: load the model once and run the server until a signal."""
+    from .engine import Engine, configure_threads
+    from .weights import ModelLoadError
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.log_level.upper() != "DEBUG":
+        logging.getLogger("websockets").setLevel(logging.WARNING)
+    try:
+        config = ServerConfig(host=args.host, port=args.port, max_streams=args.max_streams,
+                              max_message_bytes=args.max_message_bytes, idle_timeout=args.idle_timeout,
+                              token=args.token, allow_origins=tuple(args.allow_origin or ()),
+                              drain_seconds=args.drain_seconds)
+    except ValueError as exc:
+        print(f"whisper-stream: {exc}", file=sys.stderr)
+        return 2
+    configure_threads(args.threads)
+    try:
+        engine = Engine.load(args.model, device=args.device)
+    except ModelLoadError as exc:
+        print(f"whisper-stream: {exc}", file=sys.stderr)
+        return 2
+    try:
+        return asyncio.run(run_server(engine, config))
+    except OSError as exc:
+        print(f"whisper-stream: cannot listen on {args.host}:{args.port}: {exc}", file=sys.stderr)
+        return 2

@@ -1,0 +1,245 @@
+"""Tests for the inference scheduler: batching across streams, failure isolation, cancellation, shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from streaming.inference import WindowReply, WindowRequest
+from streaming.scheduler import Scheduler
+
+
+def request(tag: float = 0.0) -> WindowRequest:
+    return WindowRequest(audio=np.full(160, tag, np.float32))
+
+
+class FakeRunner:
+    """Records each batch; replies with the request's tag; can hold the worker until released."""
+
+    def __init__(self, hold_first: bool = False, fail_tags: tuple[float, ...] = ()):
+        self.batches: list[list[float]] = []
+        self.release = threading.Event()
+        self.started = threading.Event()
+        if not hold_first:
+            self.release.set()
+        self.fail_tags = fail_tags
+
+    def __call__(self, engine: object, requests: list[WindowRequest]) -> list[WindowReply | Exception]:
+        self.started.set()
+        self.release.wait(5)
+        tags = [float(r.audio[0]) for r in requests]
+        self.batches.append(tags)
+        return [ValueError(f"bad window {t}") if t in self.fail_tags else WindowReply(language=str(t)) for t in tags]
+
+
+async def wait_started(runner: FakeRunner) -> None:
+    assert await asyncio.to_thread(runner.started.wait, 5)
+
+
+async def test_submit_returns_the_reply() -> None:
+    runner = FakeRunner()
+    scheduler = Scheduler(object(), runner=runner)
+    try:
+        reply = await scheduler.submit(request(1))
+        assert reply.language == "1.0" and runner.batches == [[1.0]]
+    finally:
+        scheduler.close()
+
+
+async def test_requests_that_wait_while_the_worker_is_busy_run_as_one_batch() -> None:
+    runner = FakeRunner(hold_first=True)
+    scheduler = Scheduler(object(), max_batch=8, max_wait_ms=0, runner=runner)
+    try:
+        first = asyncio.create_task(scheduler.submit(request(0)))
+        await wait_started(runner)
+        others = [asyncio.create_task(scheduler.submit(request(t))) for t in (1, 2, 3)]
+        await asyncio.sleep(0.05)
+        runner.release.set()
+        replies = await asyncio.gather(first, *others)
+        assert [r.language for r in replies] == ["0.0", "1.0", "2.0", "3.0"]
+        assert runner.batches == [[0.0], [1.0, 2.0, 3.0]]
+        histogram = scheduler.metrics.batch_size
+        assert histogram.count == 2 and histogram.sum == 4
+        assert scheduler.metrics.requests == 4 and scheduler.metrics.busy_seconds >= 0.04
+        assert scheduler.metrics.queue_delay.count == 4 and scheduler.metrics.queue_delay.sum >= 0.1
+    finally:
+        scheduler.close()
+
+
+async def test_max_batch_caps_the_batch_and_max_wait_gathers_stragglers() -> None:
+    runner = FakeRunner(hold_first=True)
+    scheduler = Scheduler(object(), max_batch=2, max_wait_ms=0, runner=runner)
+    try:
+        first = asyncio.create_task(scheduler.submit(request(0)))
+        await wait_started(runner)
+        others = [asyncio.create_task(scheduler.submit(request(t))) for t in (1, 2, 3, 4, 5)]
+        await asyncio.sleep(0.05)
+        runner.release.set()
+        await asyncio.gather(first, *others)
+        assert runner.batches == [[0.0], [1.0, 2.0], [3.0, 4.0], [5.0]]
+    finally:
+        scheduler.close()
+    runner = FakeRunner()
+    scheduler = Scheduler(object(), max_batch=8, max_wait_ms=200, runner=runner)
+    try:
+        async def late(tag: float) -> WindowReply:
+            await asyncio.sleep(0.02)
+            return await scheduler.submit(request(tag))
+
+        await asyncio.gather(scheduler.submit(request(0)), late(1))
+        assert runner.batches == [[0.0, 1.0]]
+    finally:
+        scheduler.close()
+
+
+async def test_a_failing_request_fails_only_its_own_stream() -> None:
+    runner = FakeRunner(hold_first=True, fail_tags=(2.0,))
+    scheduler = Scheduler(object(), max_wait_ms=0, runner=runner)
+    try:
+        first = asyncio.create_task(scheduler.submit(request(0)))
+        await wait_started(runner)
+        tasks = [asyncio.create_task(scheduler.submit(request(t))) for t in (1, 2, 3)]
+        await asyncio.sleep(0.05)
+        runner.release.set()
+        results = await asyncio.gather(first, *tasks, return_exceptions=True)
+        assert isinstance(results[2], ValueError) and "bad window 2.0" in str(results[2])
+        assert [r.language for i, r in enumerate(results) if i != 2] == ["0.0", "1.0", "3.0"]
+        assert scheduler.metrics.request_failures == 1
+    finally:
+        scheduler.close()
+
+
+async def test_a_runner_that_raises_fails_the_batch_but_not_the_worker() -> None:
+    calls = []
+
+    def runner(engine: object, requests: list[WindowRequest]) -> list[WindowReply | Exception]:
+        calls.append(len(requests))
+        if len(calls) == 1:
+            raise RuntimeError("runner bug")
+        return [WindowReply() for _ in requests]
+
+    scheduler = Scheduler(object(), runner=runner)
+    try:
+        with pytest.raises(RuntimeError, match="runner bug"):
+            await scheduler.submit(request())
+        assert isinstance(await scheduler.submit(request()), WindowReply)
+    finally:
+        scheduler.close()
+
+
+async def test_a_cancelled_request_is_skipped_and_never_delivered() -> None:
+    runner = FakeRunner(hold_first=True)
+    scheduler = Scheduler(object(), max_wait_ms=0, runner=runner)
+    try:
+        first = asyncio.create_task(scheduler.submit(request(0)))
+        await wait_started(runner)
+        gone = asyncio.create_task(scheduler.submit(request(1)))
+        kept = asyncio.create_task(scheduler.submit(request(2)))
+        await asyncio.sleep(0.02)
+        gone.cancel()
+        first.cancel()  # already running: its result is dropped
+        await asyncio.sleep(0.02)
+        runner.release.set()
+        assert (await kept).language == "2.0"
+        assert runner.batches == [[0.0], [2.0]]
+        assert gone.cancelled() and first.cancelled()
+    finally:
+        scheduler.close()
+
+
+async def test_the_event_loop_keeps_running_during_inference() -> None:
+    def slow(engine: object, requests: list[WindowRequest]) -> list[WindowReply | Exception]:
+        time.sleep(0.3)
+        return [WindowReply() for _ in requests]
+
+    scheduler = Scheduler(object(), runner=slow)
+    ticks = 0
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            await asyncio.sleep(0.01)
+            ticks += 1
+
+    task = asyncio.create_task(ticker())
+    try:
+        await scheduler.submit(request())
+        assert ticks >= 10
+    finally:
+        task.cancel()
+        scheduler.close()
+
+
+async def test_close_fails_queued_requests_and_refuses_new_ones() -> None:
+    runner = FakeRunner(hold_first=True)
+    scheduler = Scheduler(object(), max_batch=1, max_wait_ms=0, runner=runner)
+    first = asyncio.create_task(scheduler.submit(request(0)))
+    await wait_started(runner)
+    queued = asyncio.create_task(scheduler.submit(request(1)))
+    await asyncio.sleep(0.02)
+    closing = asyncio.create_task(asyncio.to_thread(scheduler.close, 5))
+    await asyncio.sleep(0.05)
+    runner.release.set()
+    await closing
+    assert (await first).language == "0.0"
+    with pytest.raises(RuntimeError, match="closed before this request ran"):
+        await queued
+    with pytest.raises(RuntimeError, match="scheduler is closed"):
+        await scheduler.submit(request())
+    assert not scheduler._thread.is_alive()
+    scheduler.close()  # idempotent
+
+
+def test_invalid_settings_are_refused() -> None:
+    with pytest.raises(ValueError, match="max_batch=0 is invalid"):
+        Scheduler(object(), max_batch=0)
+    with pytest.raises(ValueError, match="max_wait_ms=-1 is out of range"):
+        Scheduler(object(), max_wait_ms=-1)
+
+
+@pytest.mark.real_model
+async def test_real_engine_decodes_a_stream_request(shared_eval) -> None:
+    import wave
+
+    from streaming.engine import Engine
+    from streaming.recognizer import StreamCore
+
+    with wave.open(str(shared_eval / "streams" / "en_mixed.wav")) as w:
+        pcm = np.frombuffer(w.readframes(16000 * 4), np.int16).astype(np.float32) / 32768
+    core = StreamCore()
+    core.feed(pcm)
+    core.flush()
+    scheduler = Scheduler(Engine.load("tiny.en"))
+    try:
+        req = core.next_request()
+        reply = await scheduler.submit(req)
+        assert "fellow" in "".join(w.word for w in reply.words).lower()
+    finally:
+        scheduler.close()
+
+
+def test_metrics_render_cumulative_histograms() -> None:
+    from streaming.metrics import Metrics
+
+    metrics = Metrics()
+    metrics.observe_batch([0.002, 0.3, 0.3], busy_seconds=0.5, failures=1)
+    metrics.observe_batch([0.0], busy_seconds=0.25, failures=0)
+    metrics.add_audio(3.0)
+    metrics.count_error("bad_audio")
+    text = metrics.render({"streams_capacity": ("Maximum concurrent streams.", 4)})
+    lines = dict(line.rsplit(" ", 1) for line in text.splitlines() if not line.startswith("#"))
+    assert lines['whisper_stream_batch_size_bucket{le="1"}'] == "1"
+    assert lines['whisper_stream_batch_size_bucket{le="4"}'] == "2"
+    assert lines['whisper_stream_batch_size_bucket{le="+Inf"}'] == "2"
+    assert lines["whisper_stream_batch_size_sum"] == "4" and lines["whisper_stream_batch_size_count"] == "2"
+    assert lines['whisper_stream_queue_delay_seconds_bucket{le="0.001"}'] == "1"
+    assert lines['whisper_stream_queue_delay_seconds_bucket{le="0.25"}'] == "2"
+    assert lines['whisper_stream_queue_delay_seconds_bucket{le="0.5"}'] == "4"
+    assert lines["whisper_stream_real_time_factor"] == "0.25"
+    assert lines["whisper_stream_inference_failures_total"] == "1"
+    assert lines['whisper_stream_errors_total{code="bad_audio"}'] == "1"
+    assert lines["whisper_stream_streams_capacity"] == "4"
