@@ -35,12 +35,13 @@ class StreamOptions:
     prompt: str | None = None
     interim_results: bool = True
     vad: VadConfig = field(default_factory=VadConfig)
-    min_chunk: float = 0.5
+    min_chunk: float = 0.8
     agreement: int = 2
     max_window: float = 12.0
     sentence_trim: float = 6.0
     beam_size: int = 1
     final_beam_size: int = 5
+    context: float = 0.0
     final_context: float = 30.0
 
     def __post_init__(self) -> None:
@@ -55,8 +56,9 @@ class StreamOptions:
         for name in ("beam_size", "final_beam_size"):
             if not 1 <= getattr(self, name) <= 10:
                 raise ValueError(f"{name}={getattr(self, name)} is out of range; allowed: 1 to 10")
-        if not 0 <= self.final_context <= 30:
-            raise ValueError(f"final_context={self.final_context} is out of range; allowed: 0 to 30 seconds")
+        for name in ("context", "final_context"):
+            if not 0 <= getattr(self, name) <= 30:
+                raise ValueError(f"{name}={getattr(self, name)} is out of range; allowed: 0 to 30 seconds")
         self.vad.validate()
 
 
@@ -140,7 +142,7 @@ class StreamCore:
             audio=self._window.audio.copy(), prompt=tuple(self._context[-PROMPT_TOKENS:]) if final else (),
             prefix=tuple(t for w in self._window_words for t in w.tokens),
             initial_prompt=o.prompt, language=self.language, task=o.task, final=final,
-            beam_size=o.final_beam_size if final else o.beam_size, context=o.final_context if final else 0.0)
+            beam_size=o.final_beam_size if final else o.beam_size, context=o.final_context if final else o.context)
         self._decoded_to = self._window.end_sample
         return self._pending
 
