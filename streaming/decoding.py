@@ -154,16 +154,75 @@ def decode(model: Whisper, tokenizer: Tokenizer, features: Tensor, options: Deco
            start: Prefill | None = None) -> DecodingResult:
     """Decode one audio window (features 1 x ctx x state) and return the best hypothesis."""
     start = start or prefill(model, tokenizer, features, options)
-    sample_begin = len(start.initial)
-    audio_seconds = features.shape[1] * 0.02
-    rules = LogitRules(tokenizer, options, sample_begin, audio_seconds)
-    sample_len = options.sample_len or model.dims.n_text_ctx // 2
-    sample_len = min(sample_len, model.dims.n_text_ctx - sample_begin)
+    rules = LogitRules(tokenizer, options, len(start.initial), features.shape[1] * 0.02)
+    sample_len = _sample_len(model, options, start)
     if options.beam_size > 1 and options.temperature == 0:
         tokens, sum_lp, probs = _beam_search(model, rules, start, options, tokenizer.eot, sample_len)
     else:
         n = options.best_of if options.temperature > 0 else 1
         tokens, sum_lp, probs = _sample(model, rules, start, options, tokenizer.eot, sample_len, n)
+    return _result(tokenizer, options, start, tokens, sum_lp, probs)
+
+
+@dataclass(frozen=True)
+class GreedyJob:
+    """One audio window's share of :func:`decode_greedy_batch`: what :func:`decode` takes for it."""
+
+    tokenizer: Tokenizer
+    features: Tensor
+    options: DecodingOptions
+    start: Prefill
+
+
+@torch.inference_mode()
+def decode_greedy_batch(model: Whisper, jobs: list[GreedyJob]) -> list[DecodingResult]:
+    """Greedy decoding (temperature 0, beam 1) of several audio windows in one decoder pass per step.
+
+    The windows' prefills (any prompt, prefix and audio lengths) are stacked into one padded, masked cache;
+    each row follows its own logit rules and stops at eot or its sample length, then leaves the batch.
+    Every result is the one :func:`decode` gives for that window alone (up to float rounding).
+    """
+    if any(j.options.temperature != 0 or j.options.beam_size != 1 for j in jobs):
+        raise ValueError("decode_greedy_batch decodes greedily: every job needs temperature 0 and beam_size 1")
+    rules = [LogitRules(j.tokenizer, j.options, len(j.start.initial), j.features.shape[1] * 0.02) for j in jobs]
+    limits = [_sample_len(model, j.options, j.start) for j in jobs]
+    seqs = [list(j.start.initial) for j in jobs]
+    sum_lp = torch.zeros(len(jobs))  # float32, as _sample sums
+    probs: list[list[float]] = [[] for _ in jobs]
+    active = list(range(len(jobs)))  # the job of each batch row
+    cache = KVCache.stack([j.start.cache for j in jobs])
+    logits = torch.stack([j.start.last_logits for j in jobs])
+    while True:
+        logits = logits.float()
+        for row, i in enumerate(active):
+            rules[i].apply(logits[row: row + 1], [seqs[i]])
+        chosen = logits.argmax(-1)
+        chosen_lp = logits.log_softmax(-1).gather(-1, chosen[:, None])[:, 0].tolist()
+        keep = []
+        for row, (i, token, lp) in enumerate(zip(active, chosen.tolist(), chosen_lp)):
+            seqs[i].append(token)
+            sum_lp[i] += lp
+            probs[i].append(math.exp(lp))
+            if token != jobs[i].tokenizer.eot and len(seqs[i]) - len(jobs[i].start.initial) < limits[i]:
+                keep.append(row)
+        if not keep:
+            break
+        if len(keep) < len(active):
+            active = [active[row] for row in keep]
+            cache = cache.select(torch.tensor(keep, device=logits.device))
+        step, cache, _ = model.decoder(torch.tensor([[seqs[i][-1]] for i in active], device=logits.device), cache)
+        logits = step[:, -1]
+    return [_result(j.tokenizer, j.options, j.start, seq[len(j.start.initial):], float(lp), p)
+            for j, seq, lp, p in zip(jobs, seqs, sum_lp, probs)]
+
+
+def _sample_len(model: Whisper, options: DecodingOptions, start: Prefill) -> int:
+    sample_len = options.sample_len or model.dims.n_text_ctx // 2
+    return min(sample_len, model.dims.n_text_ctx - len(start.initial))
+
+
+def _result(tokenizer: Tokenizer, options: DecodingOptions, start: Prefill, tokens: list[int], sum_lp: float,
+            probs: list[float]) -> DecodingResult:
     text_tokens = [t for t in tokens if t != tokenizer.eot]
     text = tokenizer.decode(text_tokens)
     return DecodingResult(text_tokens, text, sum_lp / (len(text_tokens) + 1), start.no_speech_prob,

