@@ -63,6 +63,9 @@ class StreamOptions:
 
 
 FINAL_DECODE_MIN_NEW = 0.1
+# Language detection on a second of audio is unreliable: detect on every decode until a window holds this
+# much speech (or an utterance ends), then keep that language for the stream.
+LANGUAGE_LOCK_SECONDS = 3.0
 # A window that has not committed anything for this long is committed whole (bounds latency).
 FORCE_COMMIT_SECONDS = 20.0
 
@@ -152,7 +155,8 @@ class StreamCore:
             raise ValueError("complete() got a request this stream did not issue or already completed")
         self._pending = None
         events: list[Event] = []
-        if reply.language and self.language is None:
+        heard_enough = request.final or len(request.audio) >= LANGUAGE_LOCK_SECONDS * SAMPLE_RATE
+        if reply.language and self.language is None and heard_enough:
             self.language = reply.language
             events.append(LanguageDetected(reply.language, reply.language_probability))
         offset = self._window.start
@@ -272,8 +276,21 @@ class Recognizer:
         return events
 
     def feed(self, audio: np.ndarray) -> list[Event]:
-        """Add 16 kHz mono float32 audio (any chunk size); decode as needed; return new events."""
-        return self._run(self.core.feed(np.asarray(audio, dtype=np.float32)))
+        """Add 16 kHz mono float32 audio (any chunk size); decode as needed; return new events.
+
+        The audio goes to the core one VAD frame at a time, with the due decodes run after each frame, so
+        the windows decoded (and so the events) do not depend on how the caller chunks the audio."""
+        audio = np.asarray(audio, dtype=np.float32)
+        if audio.ndim != 1:
+            return self._run(self.core.feed(audio))  # the VAD refuses it with a clear message
+        frame = self.core.options.vad.frame_ms * SAMPLE_RATE // 1000
+        events: list[Event] = []
+        pos = 0
+        while pos < audio.size:
+            step = frame - self.core.samples_seen % frame
+            events = self._run(events + self.core.feed(audio[pos: pos + step]))
+            pos += step
+        return events
 
     def finalize(self) -> list[Event]:
         """Commit everything pending now."""
