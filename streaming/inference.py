@@ -46,6 +46,9 @@ WORD_PROBABILITY_GATE = 0.4
 # audio context makes Whisper loop ("and so and so ..."); equal bucket sizes let the scheduler batch encoders.
 TRAILING_SILENCE = 4.0
 CONTEXT_BUCKET = 1.0
+# Mel frames per batched encoder call. On one CPU thread, 8 short windows (3 to 5 s) encode ~10% faster
+# together than one by one, while two 30 s windows encode ~6% slower (and the attention memory grows).
+ENCODER_BATCH_FRAMES = 4000
 
 
 @dataclass(frozen=True)
@@ -95,9 +98,11 @@ def encode_windows(engine: Engine, requests: list[WindowRequest]) -> list[tuple[
     for i, mel in enumerate(mels):
         groups.setdefault(mel.shape[-1], []).append(i)
     features: dict[int, torch.Tensor] = {}
-    for members in groups.values():
-        encoded = engine.encode(torch.stack([mels[i] for i in members]))
-        features.update((i, encoded[row: row + 1]) for row, i in enumerate(members))
+    for frames, members in groups.items():
+        per_call = max(1, ENCODER_BATCH_FRAMES // frames)
+        for part in (members[k: k + per_call] for k in range(0, len(members), per_call)):
+            encoded = engine.encode(torch.stack([mels[i] for i in part]))
+            features.update((i, encoded[row: row + 1]) for row, i in enumerate(part))
     return [(features[i], len(r.audio) // HOP_LENGTH) for i, r in enumerate(requests)]
 
 

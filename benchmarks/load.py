@@ -1,0 +1,254 @@
+"""Load benchmark: N concurrent real-time streams against the real server, with batching on and off.
+
+The server (``streaming.server.Server`` on one engine) runs in a child process so that its CPU time can be
+read from /proc apart from the clients'. Each client streams an excerpt of a real eval stream (en_prompts,
+en_mixed in turn, each client from a different utterance) at real-time pace over the protocol, stamps every
+event with the wall-clock time since its first audio sample (the ../shared/eval event-log format) and is
+scored with the reference scorer against the reference segments inside its excerpt. Per run it reports the
+WER and final-word latency over all streams, the server's CPU seconds per second of audio and its mean
+inference batch size (from /metrics).
+
+``--windows N`` instead times ``run_windows`` on N window requests captured from a recogniser on real audio:
+one batched call against one call per request, in the same process.
+
+Usage: python benchmarks/load.py [--streams 1 2 4 8 16] [--max-batch 8 1] [--seconds 60] [--threads 1]
+       python benchmarks/load.py --windows 8 [--repeats 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import numpy as np
+import torch
+from evalkit import ROOT, load_stream, machine, scorer
+
+from streaming.client import pcm_chunks, stream_audio
+from streaming.engine import Engine, configure_threads
+from streaming.inference import WindowRequest, run_window, run_windows
+from streaming.recognizer import StreamCore, StreamOptions
+
+SR = 16000
+CHUNK = 320  # 20 ms, as a live client sends
+STREAMS = ("en_prompts", "en_mixed")
+LEAD_IN = 0.2  # seconds of the silence before an utterance that an excerpt starts with (gaps are >= 0.2 s)
+
+
+def excerpt(name: str, client: int, seconds: float) -> tuple[np.ndarray, dict]:
+    """``seconds`` of stream ``name`` (looped) from an utterance chosen by ``client``, cut in the silence
+    before the first utterance that does not end in time; the reference keeps the utterances inside."""
+    audio, reference = load_stream(name)
+    duration = len(audio) / SR
+    segments = reference["segments"]
+    begin = max(0.0, segments[(5 * client) % len(segments)]["start"] - LEAD_IN)
+    loops = int((begin + seconds) // duration) + 1
+    looped = [dict(s, start=s["start"] + k * duration, end=s["end"] + k * duration)
+              for k in range(loops) for s in segments]
+    inside = [s for s in looped if s["start"] >= begin and s["end"] <= begin + seconds]
+    after = [s["start"] for s in looped if s["start"] >= begin and s["end"] > begin + seconds]
+    end = min([begin + seconds, *after[:1]])
+    audio = np.tile(audio, loops)[round(begin * SR): round(end * SR)]
+    shifted = [dict(s, start=round(s["start"] - begin, 3), end=round(s["end"] - begin, 3)) for s in inside]
+    return audio, {**reference, "duration": round(end - begin, 3), "segments": shifted}
+
+
+def word_latencies(score, reference: dict, events: list[dict]) -> list[float]:
+    """Every correctly recognised word's final latency, as score.py defines it (with its own functions)."""
+    lang = reference.get("language", "en")
+    ref, ref_end = [], []
+    for s in reference["segments"]:
+        words = score.normalize(s["text"], lang)
+        ref += words
+        ref_end += [s["start"] + (s["end"] - s["start"]) * (k + 1) / len(words) for k in range(len(words))]
+    hyp, hyp_t = [], []
+    for e in events:
+        if e["type"] == "final":
+            words = score.normalize(e["text"], lang)
+            hyp += words
+            hyp_t += [e["t"]] * len(words)
+    _, pairs = score.align(ref, hyp)
+    return [hyp_t[j] - ref_end[i] for i, j in pairs if i is not None and j is not None and ref[i] == hyp[j]]
+
+
+# ------------------------------------------------------------------------------------------- the server
+
+
+async def serve(model: str, threads: int, max_batch: int) -> None:
+    """Child process: the real server on port 0; prints the port, serves until SIGTERM."""
+    from streaming.server import Server, ServerConfig
+
+    configure_threads(threads)
+    engine = Engine.load(model)
+    stop = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    async with Server(engine, ServerConfig(port=0, max_streams=64, max_batch=max_batch)) as server:
+        print(server.port, flush=True)
+        await stop.wait()
+
+
+class ServerProcess:
+    def __init__(self, model: str, threads: int, max_batch: int):
+        command = [sys.executable, __file__, "--serve", "--model", model, "--threads", str(threads),
+                   "--max-batch", str(max_batch)]
+        self.process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+        line = self.process.stdout.readline()
+        if not line.strip().isdigit():
+            self.process.kill()
+            sys.exit(f"the server process did not start (printed {line!r})")
+        self.port = int(line)
+
+    def cpu_seconds(self) -> float:
+        """User + system CPU time of the server process (/proc/PID/stat utime, stime)."""
+        with open(f"/proc/{self.process.pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def metrics(self) -> dict[str, float]:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=10) as response:
+            lines = response.read().decode().splitlines()
+        return {name: float(value) for name, value in (line.split() for line in lines if not line.startswith("#"))}
+
+    def stop(self) -> None:
+        self.process.send_signal(signal.SIGTERM)
+        self.process.wait(30)
+
+
+# ------------------------------------------------------------------------------------------- the clients
+
+
+async def client(url: str, audio: np.ndarray, delay: float) -> list[dict]:
+    """Stream ``audio`` in real time after ``delay`` seconds; the final and partial events, stamped."""
+    await asyncio.sleep(delay)
+    loop = asyncio.get_running_loop()
+    events: list[dict] = []
+    first_sample: list[float] = []
+
+    async def chunks() -> AsyncIterator[bytes]:
+        for chunk in pcm_chunks(audio):
+            first_sample[:] = first_sample or [loop.time()]
+            yield chunk
+
+    def record(message: dict) -> None:
+        if message["type"] in ("final", "partial") and first_sample:
+            events.append({"t": round(loop.time() - first_sample[0], 3), "type": message["type"],
+                           "text": message["text"]})
+
+    await stream_audio(url, chunks(), speed=1.0, on_event=record)
+    return events
+
+
+async def run_clients(url: str, excerpts: list[tuple[np.ndarray, dict]]) -> list[list[dict]]:
+    delays = [(0.37 * i) % 1.0 for i in range(len(excerpts))]  # streams out of step, as real ones are
+    return list(await asyncio.gather(*(client(url, a, d) for (a, _), d in zip(excerpts, delays))))
+
+
+def load_run(server: ServerProcess, n: int, seconds: float, out: Path) -> dict[str, float]:
+    """N streams at once against ``server``; the pooled scores and the server's share of the work. The
+    event logs go to ``out``/client-I.jsonl."""
+    excerpts = [excerpt(STREAMS[i % len(STREAMS)], i // len(STREAMS), seconds) for i in range(n)]
+    before, cpu = server.metrics(), server.cpu_seconds()
+    started = time.perf_counter()
+    logs = asyncio.run(run_clients(f"ws://127.0.0.1:{server.port}/v1/listen", excerpts))
+    wall = time.perf_counter() - started
+    cpu, after = server.cpu_seconds() - cpu, server.metrics()
+    delta = {k: after[k] - before.get(k, 0.0) for k in after}
+    score = scorer()
+    errors = words = 0
+    latencies: list[float] = []
+    out.mkdir(parents=True, exist_ok=True)
+    for i, ((_, reference), events) in enumerate(zip(excerpts, logs)):
+        (out / f"client-{i}.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events))
+        result = score.score(reference, events)
+        errors, words = errors + result["errors"], words + result["words"]
+        latencies += word_latencies(score, reference, events)
+    audio_seconds = sum(len(a) for a, _ in excerpts) / SR
+    return {"wer": errors / max(words, 1), "p50": score.pct(latencies, 0.5), "p90": score.pct(latencies, 0.9),
+            "cpu_per_audio": cpu / audio_seconds, "decodes": delta["whisper_stream_inference_requests_total"],
+            "mean_batch": delta["whisper_stream_batch_size_sum"] / max(delta["whisper_stream_batch_size_count"], 1),
+            "wall": wall, "audio": audio_seconds}
+
+
+# ------------------------------------------------------------------------------- run_windows on its own
+
+
+def captured_requests(engine: Engine, n: int, seconds: float = 20.0) -> list[WindowRequest]:
+    """One window request from each of ``n`` streams: what the recogniser asks for halfway through an
+    excerpt (a greedy interim decode or a final one, with its committed prefix and prompt)."""
+    picked = []
+    for i in range(n):
+        audio, _ = excerpt(STREAMS[i % len(STREAMS)], i // len(STREAMS), seconds)
+        core, requests = StreamCore(StreamOptions(language="en"), engine.multilingual), []
+        for at in range(0, len(audio), CHUNK):
+            core.feed(audio[at: at + CHUNK])
+            while (request := core.next_request()) is not None:
+                requests.append(request)
+                core.complete(request, run_window(engine, request))
+        picked.append(requests[len(requests) // 2])
+    return picked
+
+
+def time_windows(engine: Engine, n: int, repeats: int) -> None:
+    requests = captured_requests(engine, n)
+    for r in requests:
+        print(f"  {len(r.audio) / SR:5.1f} s audio, prefix {len(r.prefix):3d}, prompt {len(r.prompt):3d} tokens, "
+              f"beam {r.beam_size}, context {r.context:g} s")
+    times: dict[str, list[float]] = {"one by one": [], "batched": []}
+    for _ in range(repeats):  # alternating, so that the machine's other load hits both alike
+        for name, run in (("one by one", lambda: [run_windows(engine, [r]) for r in requests]),
+                          ("batched", lambda: run_windows(engine, requests))):
+            torch.manual_seed(0)
+            started = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - started)
+    one, batched = (statistics.median(t) for t in times.values())
+    print(f"run_windows on {n} requests, median of {repeats}: one by one {one:.3f} s, batched {batched:.3f} s, "
+          f"speedup {one / batched:.2f}x")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--streams", type=int, nargs="+", default=[1, 2, 4, 8, 16])
+    parser.add_argument("--max-batch", type=int, nargs="+", default=[8, 1], help="scheduler batch sizes to compare")
+    parser.add_argument("--seconds", type=float, default=60.0, help="audio per stream")
+    parser.add_argument("--model", default="tiny.en")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads of the server")
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "out" / "load"))
+    parser.add_argument("--windows", type=int, default=0, help="time run_windows on this many requests instead")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)  # the server child process
+    args = parser.parse_args()
+    if args.serve:
+        asyncio.run(serve(args.model, args.threads, args.max_batch[0]))
+        return
+    if args.windows:
+        configure_threads(args.threads)
+        time_windows(Engine.load(args.model), args.windows, args.repeats)
+        return
+    print(f"# load, {args.model}, {args.seconds:g} s per stream, server threads {args.threads}, {machine()}")
+    print(f"{'streams':>7} {'batch':>5} {'WER %':>6} {'p50 s':>6} {'p90 s':>6} {'cpu s/audio s':>13} "
+          f"{'mean batch':>10} {'decodes':>7} {'wall s':>6}")
+    for max_batch in args.max_batch:
+        server = ServerProcess(args.model, args.threads, max_batch)
+        try:
+            for n in args.streams:
+                r = load_run(server, n, args.seconds, Path(args.out) / f"streams{n}-batch{max_batch}")
+                print(f"{n:>7} {max_batch:>5} {100 * r['wer']:6.1f} {r['p50'] or 0:6.2f} {r['p90'] or 0:6.2f} "
+                      f"{r['cpu_per_audio']:13.3f} {r['mean_batch']:10.2f} {r['decodes']:7.0f} {r['wall']:6.0f}",
+                      flush=True)
+        finally:
+            server.stop()
+
+
+if __name__ == "__main__":
+    main()
