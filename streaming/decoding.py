@@ -243,13 +243,16 @@ def _sample(model, rules, start, options, eot, sample_len, n):
     probs: list[list[float]] = [[] for _ in range(n)]
     done = [False] * n
     logits = start.last_logits.unsqueeze(0).repeat(n, 1)
+    # a fixed seed per decode: the same audio gives the same text, whatever ran before in the process
+    generator = torch.Generator(device=logits.device).manual_seed(0)
     for _ in range(sample_len):
         logits = logits.float()
         rules.apply(logits, seqs)
         if options.temperature == 0:
             nxt = logits.argmax(-1)
         else:
-            nxt = torch.distributions.Categorical(logits=logits / options.temperature).sample()
+            probs_t = (logits / options.temperature).softmax(-1)
+            nxt = torch.multinomial(probs_t, 1, generator=generator).squeeze(-1)
         logprobs = logits.log_softmax(-1)
         for i in range(n):
             if done[i]:

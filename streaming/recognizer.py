@@ -64,7 +64,7 @@ class StreamOptions:
 
 FINAL_DECODE_MIN_NEW = 0.1
 # Language detection on a second of audio is unreliable: detect on every decode until a window holds this
-# much speech (or an utterance ends), then keep that language for the stream.
+# much speech, an utterance ends or words are committed, then keep that language for the stream.
 LANGUAGE_LOCK_SECONDS = 3.0
 # A window that has not committed anything for this long is committed whole (bounds latency).
 FORCE_COMMIT_SECONDS = 20.0
@@ -155,10 +155,6 @@ class StreamCore:
             raise ValueError("complete() got a request this stream did not issue or already completed")
         self._pending = None
         events: list[Event] = []
-        heard_enough = request.final or len(request.audio) >= LANGUAGE_LOCK_SECONDS * SAMPLE_RATE
-        if reply.language and self.language is None and heard_enough:
-            self.language = reply.language
-            events.append(LanguageDetected(reply.language, reply.language_probability))
         offset = self._window.start
         words = [Word(w.word, offset + w.start, offset + w.end, w.probability, tuple(w.tokens))
                  for w in reply.words]
@@ -171,6 +167,10 @@ class StreamCore:
         log.debug("window %.2f-%.2fs final=%s prefix=%d tokens: heard %r, committed %r",
                   self._window.start, self._window.end, request.final, len(request.prefix),
                   "".join(w.word for w in reply.words), "".join(w.text for w in committed))
+        heard_enough = request.final or len(request.audio) >= LANGUAGE_LOCK_SECONDS * SAMPLE_RATE
+        if reply.language and self.language is None and (heard_enough or committed):
+            self.language = reply.language
+            events.append(LanguageDetected(reply.language, reply.language_probability))
         events += self._commit(committed)
         if request.final:
             events += self._end_utterance()
