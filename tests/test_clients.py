@@ -741,7 +741,8 @@ def test_library_real_time_stream_against_the_real_server(engine: Engine, jfk_wa
 
     events: list[dict] = []
     with serve_in_thread(lambda: Server(engine, ServerConfig(port=0))) as server:
-        transcript = stream(server.url, read_audio(jfk_wav)[: 6 * 16000], speed=3, on_event=events.append)
+        # real-time pace: interim decodes (and so partials) happen whatever the machine's load
+        transcript = stream(server.url, read_audio(jfk_wav)[: 6 * 16000], speed=1, on_event=events.append)
     kinds = [e["type"] for e in events]
     assert kinds[:2] == ["ready", "started"] and kinds[-1] == "done" and "partial" in kinds
     assert "fellow americans" in words_of(transcript.text) and transcript.done["reason"] == "stop"
