@@ -282,10 +282,6 @@ class Whisper(nn.Module):
         return self.dims.n_vocab >= 51865
 
     @property
-    def num_languages(self) -> int:
-        return self.dims.n_vocab - 51765 - int(self.is_multilingual)
-
-    @property
     def device(self) -> torch.device:
         return self.decoder.token_embedding.weight.device
 
