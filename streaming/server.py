@@ -1,8 +1,9 @@
 """The WebSocket server: adapts protocol sessions to websockets, shares one model through the scheduler.
 
-One port serves the stream endpoint (``/v1/listen``) and plain HTTP: ``/healthz``, ``/metrics`` and the
-browser client at ``/``. ``Server`` is the embeddable object (tests start it on port 0); ``run_server``
-adds signal handling and draining for the ``whisper-stream serve`` command.
+One port serves the stream endpoint (``/v1/listen``) and plain HTTP: ``/healthz`` (readiness: 503 while
+draining or full), ``/livez`` (liveness), ``/metrics`` and the browser client at ``/``. ``Server`` is the
+embeddable object (tests start it on port 0); ``run_server`` adds signal handling and draining for the
+``whisper-stream serve`` command.
 """
 
 from __future__ import annotations
@@ -124,6 +125,15 @@ class Server:
     def active_streams(self) -> int:
         return len(self._connections)
 
+    @property
+    def readiness(self) -> str:
+        """``ok`` while a new stream would be accepted, else why not: ``draining`` or ``full``."""
+        if self.draining:
+            return "draining"
+        if self.active_streams >= self.config.max_streams:
+            return "full"
+        return "ok"
+
     async def drain(self, timeout: float) -> bool:
         """Refuse new streams, end open ones (their audio so far is decoded and sent) and wait up to
         ``timeout`` seconds for them; True when all finished in time."""
@@ -159,11 +169,13 @@ class Server:
         if url.path == PATH:
             return self._check_stream_request(connection, request, parse_qs(url.query))
         if url.path == "/healthz":
-            status = "draining" if self.draining else "ok"
+            status = self.readiness
             body = {"status": status, "model": self.info.model, "active_streams": self.active_streams,
                     "capacity": self.config.max_streams}
-            code = http.HTTPStatus.SERVICE_UNAVAILABLE if self.draining else http.HTTPStatus.OK
+            code = http.HTTPStatus.OK if status == "ok" else http.HTTPStatus.SERVICE_UNAVAILABLE
             return _respond(connection, code, json.dumps(body), "application/json")
+        if url.path == "/livez":
+            return _respond(connection, http.HTTPStatus.OK, json.dumps({"status": "alive"}), "application/json")
         if url.path == "/metrics":
             if not self._authorized(request, parse_qs(url.query)):
                 return self._unauthorized(connection)

@@ -268,6 +268,8 @@ async def test_idle_timeout(engine: Engine, clip: bytes) -> None:
 async def test_capacity(engine: Engine) -> None:
     async with serving(engine, max_streams=1) as server, connect(server.url) as first:
         await receive(first, "ready")
+        status, _, body = await asyncio.to_thread(http_get, f"http://127.0.0.1:{server.port}/healthz")
+        assert status == 503 and json.loads(body)["status"] == "full"
         async with connect(server.url) as second:
             replies = await receive_all(second, timeout=10)
             assert second.close_code == 1013
@@ -352,6 +354,8 @@ async def test_http_endpoints(engine: Engine) -> None:
             assert name in body, name
         status, headers, body = await asyncio.to_thread(http_get, base + "/")
         assert status == 200 and headers["Content-Type"].startswith("text/html") and "<html" in body.lower()
+        status, _, body = await asyncio.to_thread(http_get, base + "/livez")
+        assert status == 200 and json.loads(body) == {"status": "alive"}
         status, _, body = await asyncio.to_thread(http_get, base + "/nope")
         assert status == 404 and "/v1/listen" in body
 
@@ -364,6 +368,8 @@ async def test_drain_finishes_open_streams_and_refuses_new_ones(engine: Engine, 
         await asyncio.sleep(0)
         status, _, body = await asyncio.to_thread(http_get, f"http://127.0.0.1:{server.port}/healthz")
         assert status == 503 and json.loads(body)["status"] == "draining"
+        status, _, _ = await asyncio.to_thread(http_get, f"http://127.0.0.1:{server.port}/livez")
+        assert status == 200
         with pytest.raises(InvalidStatus) as info:
             async with connect(server.url):
                 pass
