@@ -121,10 +121,10 @@ def find_alignment(
     prefix = list(prefix_tokens or [*tokenizer.sot_sequence, tokenizer.no_timestamps])
     tokens = torch.tensor([prefix + list(text_tokens) + [tokenizer.eot]], device=audio_features.device)
     base = model.decoder.new_cache(audio_features) if cache is None else cache.trim(0)
-    logits, _, weights = model.decoder(tokens, base, alignment_heads=model.alignment_heads)
-
     first = len(prefix)
-    probs = logits[0, first - 1: first - 1 + len(text_tokens)].softmax(dim=-1)
+    logits, _, weights = model.decoder(tokens, base, alignment_heads=model.alignment_heads,
+                                       logits_at=slice(first - 1, first - 1 + len(text_tokens)))
+    probs = logits[0].softmax(dim=-1)
     token_probs = probs.gather(-1, tokens[0, first: first + len(text_tokens), None])[:, 0].cpu().numpy()
 
     # [heads, tokens, frames] over the real audio, each token's attention renormalised to sum to 1 there.

@@ -90,8 +90,9 @@ def prefill(model: Whisper, tokenizer: Tokenizer, features: Tensor, options: Dec
     cross-attention keys/values already computed for these features."""
     tokens, sot_index = initial_tokens(tokenizer, options)
     base = cache.trim(0) if cache is not None else model.decoder.new_cache(features)
-    logits, cache, _ = model.decoder(torch.tensor([tokens], device=model.device), base)
-    no_speech = logits[0, sot_index].softmax(-1)[tokenizer.no_speech].item()
+    logits, cache, _ = model.decoder(torch.tensor([tokens], device=model.device), base,
+                                     logits_at=[sot_index, len(tokens) - 1])
+    no_speech = logits[0, 0].softmax(-1)[tokenizer.no_speech].item()
     return Prefill(tokens, cache, logits[0, -1], no_speech)
 
 

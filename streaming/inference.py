@@ -168,8 +168,15 @@ def _decode(engine: Engine, window: _Window, policy: FallbackPolicy) -> Decoding
     return decode_with_fallback(engine.model, window.tokenizer, window.features, window.options, policy, window.start)
 
 
+def _policy(request: WindowRequest, policy: FallbackPolicy) -> FallbackPolicy:
+    """Interim decodes take no temperature fallback: an unreliable interim hypothesis is dropped (the next
+    update or the final decode at the endpoint replaces it), which saves the cost of sampling."""
+    return policy if request.final else replace(policy, temperatures=policy.temperatures[:1])
+
+
 def run_window(engine: Engine, request: WindowRequest, policy: FallbackPolicy = FallbackPolicy()) -> WindowReply:
     """Decode the window after the forced ``prefix`` and time every new word (window-relative seconds)."""
+    policy = _policy(request, policy)
     window = _prepare(engine, request, *encode_window(engine, request.audio, request.context))
     return _finish(engine, window, _decode(engine, window, policy), policy)
 
@@ -187,14 +194,15 @@ def _run_batch(engine: Engine, requests: list[WindowRequest], policy: FallbackPo
         jobs = [GreedyJob(w.tokenizer, w.features, w.options, w.start) for w in (windows[i] for i in greedy)]
         for i, result in zip(greedy, decode_greedy_batch(engine.model, jobs)):
             results[i] = result
-    rest = replace(policy, temperatures=policy.temperatures[1:])
     replies = []
     for window, result in zip(windows, results):
+        own = _policy(window.request, policy)
+        rest = replace(own, temperatures=own.temperatures[1:])
         if result is None:
-            result = _decode(engine, window, policy)
-        elif rest.temperatures and not policy.is_silence(result) and policy.needs_fallback(result):
+            result = _decode(engine, window, own)
+        elif rest.temperatures and not own.is_silence(result) and own.needs_fallback(result):
             result = _decode(engine, window, rest)
-        replies.append(_finish(engine, window, result, policy))
+        replies.append(_finish(engine, window, result, own))
     return replies
 
 

@@ -224,11 +224,13 @@ class TextDecoder(nn.Module):
 
     def forward(
         self, tokens: Tensor, cache: KVCache, alignment_heads: list[tuple[int, int]] | None = None,
+        logits_at: slice | list[int] | None = None,
     ) -> tuple[Tensor, KVCache, Tensor | None]:
         """Logits [batch, new_tokens, vocab] for ``tokens`` that follow the cached positions.
 
         Returns the logits, the extended cache and, when ``alignment_heads`` is given, the cross-attention
-        weights of those heads, [batch, n_heads_selected, new_tokens, audio_ctx].
+        weights of those heads, [batch, n_heads_selected, new_tokens, audio_ctx]. ``logits_at`` picks the new
+        positions that get logits (the vocabulary projection dominates the cost of a long prompt).
         """
         offset, n = cache.length, tokens.shape[1]
         self_mask, key_mask = cache.self_mask, None
@@ -259,7 +261,7 @@ class TextDecoder(nn.Module):
             if w is not None:
                 weights.append(w[:, wanted[i]])
             x = x + block.mlp(block.mlp_ln(x))
-        x = self.ln(x)
+        x = self.ln(x if logits_at is None else x[:, logits_at])
         logits = (x @ self.token_embedding.weight.to(x.dtype).T).float()
         aligned = torch.cat(weights, dim=1) if weights else None
         return logits, KVCache(new_self, cache.cross_kv, cache.audio_mask, self_mask), aligned

@@ -204,13 +204,13 @@ class BlockAttentionDecoder:
     def new_cache(self, audio_features):
         return None
 
-    def __call__(self, tokens, cache, alignment_heads):
+    def __call__(self, tokens, cache, alignment_heads, logits_at=slice(None)):
         t = tokens.shape[1]
         w = torch.full((1, len(alignment_heads), t, self.audio_ctx), 0.01)
         w[..., 100:] = 1.0
         for k in range(t - self.n_prefix):
             w[:, :, self.n_prefix + k, 20 * k: 20 * k + 20] = 1.0
-        return torch.zeros(1, t, self.vocab), cache, w / w.sum(-1, keepdim=True)
+        return torch.zeros(1, t, self.vocab)[:, logits_at], cache, w / w.sum(-1, keepdim=True)
 
 
 def test_find_alignment_recovers_block_attention():

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from streaming import inference
-from streaming.decoding import DecodingOptions, GreedyJob, decode, decode_greedy_batch, prefill
+from streaming.decoding import DecodingOptions, FallbackPolicy, GreedyJob, decode, decode_greedy_batch, prefill
 from streaming.engine import Engine
 from streaming.inference import WindowReply, WindowRequest, encode_window, encode_windows, run_window, run_windows
 from streaming.model import KVCache, Whisper
@@ -209,3 +209,21 @@ def test_single_request_runs_alone(tiny_model, tok, monkeypatch) -> None:
     small = Engine(tiny_model, tok)
     [reply] = run_windows(small, [WindowRequest(np.zeros(SR, np.float32), beam_size=1)])
     assert isinstance(reply, WindowReply)
+
+
+
+@pytest.mark.real_model
+@pytest.mark.parametrize("batched", [False, True])
+def test_only_final_decodes_fall_back_to_sampling(engine, requests, monkeypatch, batched: bool) -> None:
+    calls = []
+    decode = inference._decode
+    monkeypatch.setattr(inference, "_decode", lambda engine, window, policy: calls.append(
+        (window.request.final, policy.temperatures)) or decode(engine, window, policy))
+    replies = run_windows(engine, requests) if batched else [run_window(engine, r) for r in requests]
+    interim = [temperatures for final, temperatures in calls if not final]
+    if batched:  # greedy interim decodes run in the batch and never continue at a higher temperature
+        assert interim == []
+    else:
+        assert interim and all(t == (0.0,) for t in interim)
+    assert [t for final, t in calls if final] == [FallbackPolicy().temperatures]
+    assert all(not isinstance(r, Exception) for r in replies)
