@@ -1,7 +1,7 @@
 """Load benchmark: N concurrent real-time streams against the real server, with batching on and off.
 
-The server (``streaming.server.Server`` on one engine) runs in a child process so that its CPU time can be
-read from /proc apart from the clients'. Each client streams an excerpt of a real eval stream (en_prompts,
+The server (``whisper-stream serve``) runs in a child process so that its CPU time can be read from /proc
+apart from the clients'. Each client streams an excerpt of a real eval stream (en_prompts,
 en_mixed in turn, each client from a different utterance) at real-time pace over the protocol, stamps every
 event with the wall-clock time since its first audio sample (the ../shared/eval event-log format) and is
 scored with the reference scorer against the reference segments inside its excerpt. Per run it reports the
@@ -11,7 +11,8 @@ inference batch size (from /metrics).
 ``--windows N`` instead times ``run_windows`` on N window requests captured from a recogniser on real audio:
 one batched call against one call per request, in the same process.
 
-Usage: python benchmarks/load.py [--streams 1 2 4 8 16] [--max-batch 8 1] [--seconds 60] [--threads 1]
+Usage: python benchmarks/load.py [--streams 1 2 4 8 16] [--max-batch 8 1] [--seconds 60] [--workers 1]
+                                 [--threads N]
        python benchmarks/load.py --windows 8 [--repeats 5]
 """
 
@@ -21,6 +22,7 @@ import argparse
 import asyncio
 import json
 import os
+import re
 import signal
 import statistics
 import subprocess
@@ -84,29 +86,24 @@ def word_latencies(score, reference: dict, events: list[dict]) -> list[float]:
 # ------------------------------------------------------------------------------------------- the server
 
 
-async def serve(model: str, threads: int, max_batch: int) -> None:
-    """Child process: the real server on port 0; prints the port, serves until SIGTERM."""
-    from streaming.server import Server, ServerConfig
-
-    configure_threads(threads)
-    engine = Engine.load(model)
-    stop = asyncio.Event()
-    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
-    async with Server(engine, ServerConfig(port=0, max_streams=64, max_batch=max_batch)) as server:
-        print(server.port, flush=True)
-        await stop.wait()
-
-
 class ServerProcess:
-    def __init__(self, model: str, threads: int, max_batch: int):
-        command = [sys.executable, __file__, "--serve", "--model", model, "--threads", str(threads),
-                   "--max-batch", str(max_batch)]
-        self.process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
-        line = self.process.stdout.readline()
-        if not line.strip().isdigit():
-            self.process.kill()
-            sys.exit(f"the server process did not start (printed {line!r})")
-        self.port = int(line)
+    """``whisper-stream serve`` on a free port in a child process; its log goes to ``log``."""
+
+    def __init__(self, model: str, threads: int | None, workers: int, max_batch: int, log: Path):
+        command = [sys.executable, "-m", "streaming.cli", "serve", "--port", "0", "--model", model,
+                   "--max-streams", "64", "--workers", str(workers), "--max-batch", str(max_batch)]
+        command += ["--threads", str(threads)] if threads else []
+        log.parent.mkdir(parents=True, exist_ok=True)
+        self.log = log
+        with open(log, "w") as sink:
+            self.process = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, cwd=ROOT)
+        deadline = time.monotonic() + 120
+        while not (match := re.search(r"listening on ws://[^:]+:(\d+)/", log.read_text())):
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                self.process.kill()
+                sys.exit(f"the server process did not start; its log:\n{log.read_text()}")
+            time.sleep(0.1)
+        self.port = int(match.group(1))
 
     def cpu_seconds(self) -> float:
         """User + system CPU time of the server process (/proc/PID/stat utime, stime)."""
@@ -222,24 +219,24 @@ def main() -> None:
     parser.add_argument("--max-batch", type=int, nargs="+", default=[8, 1], help="scheduler batch sizes to compare")
     parser.add_argument("--seconds", type=float, default=60.0, help="audio per stream")
     parser.add_argument("--model", default="tiny.en")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads of the server")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads per server worker (default: the server's own default)")
+    parser.add_argument("--workers", type=int, default=1, help="the server's inference worker threads")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "out" / "load"))
     parser.add_argument("--windows", type=int, default=0, help="time run_windows on this many requests instead")
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)  # the server child process
     args = parser.parse_args()
-    if args.serve:
-        asyncio.run(serve(args.model, args.threads, args.max_batch[0]))
-        return
     if args.windows:
         configure_threads(args.threads)
         time_windows(Engine.load(args.model), args.windows, args.repeats)
         return
-    print(f"# load, {args.model}, {args.seconds:g} s per stream, server threads {args.threads}, {machine()}")
+    print(f"# load, {args.model}, {args.seconds:g} s per stream, server workers {args.workers}, threads "
+          f"{args.threads or 'default'}, {machine()}")
     print(f"{'streams':>7} {'batch':>5} {'WER %':>6} {'p50 s':>6} {'p90 s':>6} {'cpu s/audio s':>13} "
           f"{'mean batch':>10} {'decodes':>7} {'wall s':>6}")
     for max_batch in args.max_batch:
-        server = ServerProcess(args.model, args.threads, max_batch)
+        server = ServerProcess(args.model, args.threads, args.workers, max_batch,
+                               Path(args.out) / f"server-batch{max_batch}.log")
         try:
             for n in args.streams:
                 r = load_run(server, n, args.seconds, Path(args.out) / f"streams{n}-batch{max_batch}")

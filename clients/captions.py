@@ -41,6 +41,8 @@ class Captions:
             self._keep_line()
         elif kind == "error":
             self.notice(f"server error {event.get('code')}: {event.get('message')}")
+        elif kind == "warning":
+            self.notice(f"server warning {event.get('code')}: {event.get('message')}")
         else:
             return
         self._redraw()

@@ -81,8 +81,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--idle-timeout", type=float, default=30.0, help="seconds without a message (0: never)")
     s.add_argument("--token", default=None, help="require this bearer token (header or ?token=)")
     s.add_argument("--allow-origin", action="append", help="allowed browser Origin (repeatable; default: any)")
+    s.add_argument("--max-utilization", type=float, default=0.8,
+                   help="refuse new streams (overloaded) when the measured inference load with one more would "
+                        "exceed this share of the workers' time (default: 0.8)")
     s.add_argument("--drain-seconds", type=float, default=10.0, help="on SIGTERM, time to finish open streams")
-    s.add_argument("--threads", type=int, default=1, help="torch threads for the inference worker (default: 1)")
+    s.add_argument("--workers", type=int, default=1, help="inference worker threads (default: 1)")
+    s.add_argument("--threads", type=int, default=None,
+                   help="torch threads per worker (default: CPU count / workers, at most 4)")
+    s.add_argument("--max-batch", type=int, default=8, help="window decodes per batched pass (default: 8)")
+    s.add_argument("--max-wait-ms", type=float, default=5.0,
+                   help="wait this long for more requests to batch (default: 5)")
     s.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     s.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     s.set_defaults(run=_serve)

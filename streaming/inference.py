@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -181,47 +182,54 @@ def run_window(engine: Engine, request: WindowRequest, policy: FallbackPolicy = 
     return _finish(engine, window, _decode(engine, window, policy), policy)
 
 
-def _run_batch(engine: Engine, requests: list[WindowRequest], policy: FallbackPolicy) -> list[WindowReply]:
-    """Every request's :func:`run_window` with the encoder calls and the greedy decoding steps shared.
+def iter_windows(engine: Engine, requests: list[WindowRequest],
+                 policy: FallbackPolicy = FallbackPolicy()) -> Iterator[WindowReply | Exception]:
+    """Every request's :func:`run_window`, yielded in request order as each is ready, with the encoder calls
+    and the greedy decoding steps shared.
 
     Greedy first passes (beam 1, fallback starting at temperature 0) run in one batch; a result that needs
-    fallback continues alone at the next temperatures, and beam-search requests decode alone.
+    fallback continues alone at the next temperatures, and beam-search requests decode alone (put them
+    last so that the greedy replies are not held up). A request that raises gets its exception back, the
+    others their replies: if the shared part fails, every request runs again on its own.
     """
-    windows = [_prepare(engine, r, f, n) for r, (f, n) in zip(requests, encode_windows(engine, requests))]
-    results: list[DecodingResult | None] = [None] * len(windows)
-    greedy = [i for i, w in enumerate(windows) if w.options.beam_size == 1] if policy.temperatures[:1] == (0.0,) else []
-    if greedy:
-        jobs = [GreedyJob(w.tokenizer, w.features, w.options, w.start) for w in (windows[i] for i in greedy)]
-        for i, result in zip(greedy, decode_greedy_batch(engine.model, jobs)):
-            results[i] = result
-    replies = []
+    if len(requests) == 1:
+        yield _alone(engine, requests[0], policy)
+        return
+    try:
+        windows = [_prepare(engine, r, f, n) for r, (f, n) in zip(requests, encode_windows(engine, requests))]
+        results: list[DecodingResult | None] = [None] * len(windows)
+        greedy = [i for i, w in enumerate(windows) if w.options.beam_size == 1]
+        if greedy and policy.temperatures[:1] == (0.0,):
+            jobs = [GreedyJob(w.tokenizer, w.features, w.options, w.start) for w in (windows[i] for i in greedy)]
+            for i, result in zip(greedy, decode_greedy_batch(engine.model, jobs)):
+                results[i] = result
+    except Exception:  # noqa: BLE001 - isolated below
+        log.warning("batched run of %d windows failed; running them one by one", len(requests), exc_info=True)
+        for request in requests:
+            yield _alone(engine, request, policy)
+        return
     for window, result in zip(windows, results):
         own = _policy(window.request, policy)
         rest = replace(own, temperatures=own.temperatures[1:])
-        if result is None:
-            result = _decode(engine, window, own)
-        elif rest.temperatures and not own.is_silence(result) and own.needs_fallback(result):
-            result = _decode(engine, window, rest)
-        replies.append(_finish(engine, window, result, own))
-    return replies
+        try:
+            if result is None:
+                result = _decode(engine, window, own)
+            elif rest.temperatures and not own.is_silence(result) and own.needs_fallback(result):
+                result = _decode(engine, window, rest)
+            yield _finish(engine, window, result, own)
+        except Exception as exc:  # noqa: BLE001 - handed back to the stream that caused it
+            yield exc
+
+
+def _alone(engine: Engine, request: WindowRequest, policy: FallbackPolicy) -> WindowReply | Exception:
+    try:
+        return run_window(engine, request, policy)
+    except Exception as exc:  # noqa: BLE001 - handed back to the stream that caused it
+        return exc
 
 
 def run_windows(engine: Engine, requests: list[WindowRequest],
                 policy: FallbackPolicy = FallbackPolicy()) -> list[WindowReply | Exception]:
-    """Run several streams' window updates in shared passes over the model (see :func:`_run_batch`).
-
-    A request that raises gets its exception back, the others their replies: if the shared run fails,
-    every request runs again on its own, so one stream's failure never fails another.
-    """
-    if len(requests) > 1:
-        try:
-            return list(_run_batch(engine, requests, policy))
-        except Exception:  # noqa: BLE001 - isolated below
-            log.warning("batched run of %d windows failed; running them one by one", len(requests), exc_info=True)
-    results: list[WindowReply | Exception] = []
-    for request in requests:
-        try:
-            results.append(run_window(engine, request, policy))
-        except Exception as exc:  # noqa: BLE001 - handed back to the stream that caused it
-            results.append(exc)
-    return results
+    """:func:`iter_windows` as a list: one reply or exception per request, one stream's failure never
+    failing another."""
+    return list(iter_windows(engine, requests, policy))

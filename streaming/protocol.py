@@ -83,6 +83,11 @@ def error_message(code: str, message: str) -> dict[str, Any]:
     return {"type": "error", "code": code, "message": message}
 
 
+def warning_message(code: str, message: str) -> dict:
+    """A ``warning``: the stream goes on, but the client should change what it does."""
+    return {"type": "warning", "code": code, "message": message}
+
+
 def refusal(code: str, message: str, close_code: int) -> list[Action]:
     """Actions that refuse or abort a connection outside any session (e.g. ``capacity``, ``internal``)."""
     return [Send(error_message(code, message)), Close(close_code, code)]
@@ -105,7 +110,13 @@ def _is_int(value: object) -> bool:
 
 
 def _is_number(value: object) -> bool:
-    return (isinstance(value, (int, float)) and not isinstance(value, bool)) and math.isfinite(value)
+    """A finite int or float that fits a float (JSON integers are unbounded; bools are not numbers)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an integer beyond float range
+        return False
 
 
 def _reject_constant(name: str) -> Any:

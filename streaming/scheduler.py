@@ -1,8 +1,8 @@
-"""Runs every stream's window decodes on one inference thread, batching the ones that wait together.
+"""Runs every stream's window decodes on inference worker threads, batching the ones that wait together.
 
-The event loop only queues work and awaits a future; the model runs on the worker thread. Requests that
-arrive while the worker is busy (or within ``max_wait_ms`` of the first one) go into one ``run_windows``
-call, so several streams share each pass over the model.
+The event loop only queues work and awaits a future; the model runs on the worker threads. Requests that
+arrive while a worker is busy (or within ``max_wait_ms`` of the first one) go into one runner call, so
+several streams share each pass over the model. Each reply is delivered as soon as the runner yields it.
 """
 
 from __future__ import annotations
@@ -12,18 +12,18 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from .inference import WindowReply, WindowRequest, run_windows
+from .inference import WindowReply, WindowRequest, iter_windows
 from .metrics import Metrics
 
 log = logging.getLogger(__name__)
 
 CLOSED_BEFORE_RUN = "the scheduler was closed before this request ran"
 
-Runner = Callable[[Any, list[WindowRequest]], list[WindowReply | Exception]]
+Runner = Callable[[Any, list[WindowRequest]], Iterable[WindowReply | Exception]]
 
 
 @dataclass(eq=False)
@@ -50,28 +50,39 @@ def _settle(future: asyncio.Future, result: WindowReply | BaseException) -> None
         future.set_result(result)
 
 
-class Scheduler:
-    """One inference worker thread shared by all streams.
+def _runs_alone(request: WindowRequest) -> bool:
+    """Beam-search decodes run after the batch's greedy ones (see :func:`streaming.inference.iter_windows`)."""
+    return request.beam_size > 1
 
-    ``runner`` is called on the worker thread as ``runner(engine, requests)`` and must return one reply or
-    exception per request (default: :func:`streaming.inference.run_windows`).
+
+class Scheduler:
+    """Inference worker threads (``workers``, default one) shared by all streams.
+
+    ``runner`` is called on a worker thread as ``runner(engine, requests)`` and must produce one reply or
+    exception per request, in order (default: :func:`streaming.inference.iter_windows`); a batch lists its
+    greedy requests before its beam-search ones. ``on_busy(seconds)`` hears how long each batch took.
     """
 
     def __init__(self, engine: Any, max_batch: int = 8, max_wait_ms: float = 5, metrics: Metrics | None = None,
-                 runner: Runner = run_windows):
+                 runner: Runner = iter_windows, workers: int = 1, on_busy: Callable[[float], None] | None = None):
         if not isinstance(max_batch, int) or max_batch < 1:
             raise ValueError(f"max_batch={max_batch!r} is invalid; use an integer >= 1")
         if not 0 <= max_wait_ms <= 1000:
             raise ValueError(f"max_wait_ms={max_wait_ms!r} is out of range; allowed: 0 to 1000")
+        if not isinstance(workers, int) or not 1 <= workers <= 16:
+            raise ValueError(f"workers={workers!r} is invalid; use an integer from 1 to 16")
         self.engine = engine
         self.max_batch = max_batch
         self.max_wait = max_wait_ms / 1000
         self.metrics = metrics if metrics is not None else Metrics()
         self._runner = runner
+        self._on_busy = on_busy
         self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._closed = False
-        self._thread = threading.Thread(target=self._work, name="whisper-stream-inference", daemon=True)
-        self._thread.start()
+        self._threads = [threading.Thread(target=self._work, name=f"whisper-stream-inference-{i}", daemon=True)
+                         for i in range(workers)]
+        for thread in self._threads:
+            thread.start()
 
     @property
     def queued(self) -> int:
@@ -95,12 +106,15 @@ class Scheduler:
             job.abandoned = True
 
     def close(self, timeout: float | None = None) -> None:
-        """Stop the worker after the batch it is running; requests still queued fail with RuntimeError."""
+        """Stop the workers after the batches they are running; requests still queued fail with RuntimeError."""
         if self._closed:
             return
         self._closed = True
-        self._queue.put(None)
-        self._thread.join(timeout)
+        for _ in self._threads:
+            self._queue.put(None)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for thread in self._threads:
+            thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
         while True:
             try:
                 job = self._queue.get_nowait()
@@ -134,18 +148,26 @@ class Scheduler:
                 self._run(batch)
 
     def _run(self, batch: list[_Job]) -> None:
+        batch.sort(key=lambda job: _runs_alone(job.request))  # stable: greedy first, each group in order
         started = time.monotonic()
+        delivered = failures = 0
         try:
-            results = self._runner(self.engine, [job.request for job in batch])
-            if len(results) != len(batch):
-                raise RuntimeError(f"runner returned {len(results)} results for {len(batch)} requests")
-        except Exception as exc:  # noqa: BLE001 - a runner bug fails this batch, not the worker
+            for result in self._runner(self.engine, [job.request for job in batch]):
+                if delivered == len(batch):
+                    raise RuntimeError(f"runner produced more than {len(batch)} results")
+                failures += isinstance(result, BaseException)
+                batch[delivered].deliver(result)
+                delivered += 1
+            if delivered < len(batch):
+                raise RuntimeError(f"runner produced {delivered} results for {len(batch)} requests")
+        except Exception as exc:  # noqa: BLE001 - a runner bug fails the rest of this batch, not the worker
             log.exception("inference batch of %d failed", len(batch))
-            results = [exc] * len(batch)
+            for job in batch[delivered:]:
+                job.deliver(exc)
+            failures += len(batch) - delivered
         busy = time.monotonic() - started
-        failures = sum(isinstance(r, BaseException) for r in results)
         self.metrics.observe_batch([started - job.submitted for job in batch], busy, failures)
+        if self._on_busy is not None:
+            self._on_busy(busy)
         if len(batch) > 1:
             log.debug("ran a batch of %d window decodes in %.3f s", len(batch), busy)
-        for job, result in zip(batch, results):
-            job.deliver(result)

@@ -14,8 +14,10 @@ import hmac
 import http
 import json
 import logging
+import os
 import signal
 import sys
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +28,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
 from . import __version__
+from .admission import Admission
 from .metrics import Metrics
 from .protocol import (
     DEFAULT_MAX_MESSAGE_BYTES,
@@ -39,6 +42,7 @@ from .protocol import (
     Send,
     Session,
     refusal,
+    warning_message,
 )
 from .scheduler import Scheduler
 
@@ -46,6 +50,10 @@ log = logging.getLogger(__name__)
 
 # Stop reading a client's audio while this much has arrived during one decode (TCP backpressure).
 MAX_BACKLOG_SECONDS = 10.0
+# Messages queued for a client that does not read them: past LAG_MESSAGES partials are dropped (finals
+# never); past MAX_OUTBOX the server also stops reading the client's audio until the queue drains.
+LAG_MESSAGES = 16
+MAX_OUTBOX = 256
 # The browser client ships in the sibling `clients` package (installed beside `streaming`).
 INDEX_PATHS = (Path(__file__).resolve().parent.parent / "clients" / "web" / "index.html",)
 PLACEHOLDER_PAGE = f"""<!doctype html>
@@ -71,6 +79,8 @@ class ServerConfig:
     drain_seconds: float = 10.0
     max_batch: int = 8
     max_wait_ms: float = 5.0
+    workers: int = 1
+    max_utilization: float = 0.8
 
     def __post_init__(self) -> None:
         if self.max_streams < 1:
@@ -79,6 +89,12 @@ class ServerConfig:
             raise ValueError(f"max_message_bytes={self.max_message_bytes} is too small; use at least 1024")
         if self.idle_timeout < 0 or self.drain_seconds < 0:
             raise ValueError("idle_timeout and drain_seconds must be >= 0 seconds")
+        if not 0 < self.max_utilization <= 1:
+            raise ValueError(f"max_utilization={self.max_utilization} is out of range; allowed: above 0, at most 1")
+        if not 1 <= self.workers <= 16:
+            raise ValueError(f"workers={self.workers} is out of range; allowed: 1 to 16")
+        if self.max_batch < 1 or not 0 <= self.max_wait_ms <= 1000:
+            raise ValueError("max_batch must be >= 1 and max_wait_ms from 0 to 1000")
         if self.token is not None and not self.token:
             raise ValueError("token is empty; pass a non-empty token or none to disable authentication")
 
@@ -92,13 +108,15 @@ class Server:
         self.metrics = Metrics()
         self.info = EngineInfo(engine.name, engine.multilingual)
         self.draining = False
+        self.admission = Admission(config.workers, config.max_utilization)
         self._connections: dict[asyncio.Task, _Connection] = {}
         self._scheduler: Scheduler | None = None
         self._server = None
 
     async def start(self) -> None:
         """Start the inference worker and listen; ``port`` tells the bound port (config port 0: any free)."""
-        self._scheduler = Scheduler(self.engine, self.config.max_batch, self.config.max_wait_ms, self.metrics)
+        self._scheduler = Scheduler(self.engine, self.config.max_batch, self.config.max_wait_ms, self.metrics,
+                                    workers=self.config.workers, on_busy=self.admission.record_busy)
         # Messages up to twice the limit are read so that the session can answer frame_too_large;
         # larger ones are cut off by websockets with close code 1009.
         try:
@@ -130,7 +148,7 @@ class Server:
         """``ok`` while a new stream would be accepted, else why not: ``draining`` or ``full``."""
         if self.draining:
             return "draining"
-        if self.active_streams >= self.config.max_streams:
+        if self.active_streams >= self.config.max_streams or not self.admission.admits(self.active_streams):
             return "full"
         return "ok"
 
@@ -233,11 +251,21 @@ class Server:
             await _send_all(ws, refusal("capacity", f"the server is at its limit of {self.config.max_streams} "
                                                     "streams; retry later", TRY_AGAIN_LATER))
             return
+        if not self.admission.admits(len(self._connections)):
+            self.metrics.count_error("overloaded")
+            load = self.admission.utilization(len(self._connections) + 1) or 0.0
+            log.warning("refused a stream from %s: %d open streams use the measured inference capacity (one more "
+                        "would need %.0f%% of the workers' time, limit %.0f%%)", _peer(ws), len(self._connections),
+                        100 * load, 100 * self.config.max_utilization)
+            await _send_all(ws, refusal("overloaded", "the server's inference capacity is in use; retry later or "
+                                                      "on another instance", TRY_AGAIN_LATER))
+            return
         session = Session(self.info, max_message_bytes=self.config.max_message_bytes)
         connection = _Connection(ws, session, self._scheduler, self.metrics, self.config.idle_timeout)
         task = asyncio.current_task()
         assert task is not None
         self._connections[task] = connection
+        self.admission.set_streams(len(self._connections))
         self.metrics.stream_opened()
         log.info("session %s: stream opened from %s", session.id, _peer(ws))
         try:
@@ -250,10 +278,51 @@ class Server:
             await _send_all(ws, refusal("internal", "internal server error (logged on the server)", INTERNAL_ERROR))
         finally:
             del self._connections[task]
+            self.admission.set_streams(len(self._connections))
             self.metrics.stream_closed()
             outcome = "failed" if connection.crashed else "ended" if session.closed else "client left"
             log.info("session %s: %s after %.1f s of audio, %d finals", session.id, outcome, session.audio_seconds,
                      session.stats["finals"])
+
+
+class _Outbox:
+    """Messages waiting for a client, in order, bounded by policy: while more than ``LAG_MESSAGES`` wait,
+    queued partials are superseded by the newest one and the client is warned (once per episode); finals
+    and everything else always stay. ``full`` tells the reader to stop taking audio."""
+
+    def __init__(self) -> None:
+        self._items: deque[Send | Close] = deque()
+        self._ready = asyncio.Event()
+        self._lagging = False
+        self.dropped = 0
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    @property
+    def full(self) -> bool:
+        return len(self._items) >= MAX_OUTBOX
+
+    def put(self, action: Send | Close) -> None:
+        if isinstance(action, Send) and action.message["type"] == "partial" and len(self._items) >= LAG_MESSAGES:
+            kept = deque(a for a in self._items if not (isinstance(a, Send) and a.message["type"] == "partial"))
+            self.dropped += len(self._items) - len(kept)
+            self._items = kept
+            if not self._lagging:
+                self._lagging = True
+                self._items.append(Send(warning_message(
+                    "client_lagging", f"more than {LAG_MESSAGES} messages wait for this client: older partials "
+                    "are dropped (finals never are); read messages as they arrive")))
+        self._items.append(action)
+        self._ready.set()
+
+    async def get(self) -> Send | Close:
+        while not self._items:
+            self._ready.clear()
+            await self._ready.wait()
+        if len(self._items) <= 1:
+            self._lagging = False
+        return self._items.popleft()
 
 
 class _Connection:
@@ -263,7 +332,8 @@ class _Connection:
                  idle_timeout: float):
         self.ws, self.session, self.scheduler, self.metrics = ws, session, scheduler, metrics
         self.idle_timeout = idle_timeout or None
-        self.outbox: asyncio.Queue[Send | Close] = asyncio.Queue()
+        self.outbox = _Outbox()
+        self.warned_backlog = False  # audio_backlog is sent once per stream
         self.decodes: set[asyncio.Task] = set()
         self.progress = asyncio.Event()
         self.crashed = False
@@ -284,7 +354,7 @@ class _Connection:
                 log.debug("session %s: error %s: %s", self.session.id, code, action.message["message"])
             elif isinstance(action, Close) and action.code != 1000:
                 log.info("session %s: closing with %d (%s)", self.session.id, action.code, action.reason)
-            self.outbox.put_nowait(action)
+            self.outbox.put(action)
 
     async def run(self) -> None:
         self.apply(self.session.open())
@@ -311,7 +381,13 @@ class _Connection:
     async def _read(self) -> None:
         try:
             while True:  # until the connection closes; a closed session ignores late messages
-                while self.session.backlog_seconds > MAX_BACKLOG_SECONDS:
+                while self.session.backlog_seconds > MAX_BACKLOG_SECONDS or self.outbox.full:
+                    if not self.warned_backlog and not self.outbox.full:
+                        self.warned_backlog = True
+                        self.apply([Send(warning_message(
+                            "audio_backlog", f"audio arrives faster than it is transcribed: over "
+                            f"{MAX_BACKLOG_SECONDS:g} s wait, so reading pauses until the server catches up "
+                            "(send at most real time for live captions)"))])
                     self.progress.clear()
                     await self.progress.wait()
                 try:
@@ -336,6 +412,7 @@ class _Connection:
                 action = await self.outbox.get()
                 if isinstance(action, Send):
                     await self.ws.send(json.dumps(action.message, ensure_ascii=False))
+                    self.progress.set()  # a reader paused by a full outbox may go on
                 else:
                     await self.ws.close(action.code, action.reason)
                     return
@@ -409,11 +486,13 @@ def serve_command(args: argparse.Namespace) -> int:
         config = ServerConfig(host=args.host, port=args.port, max_streams=args.max_streams,
                               max_message_bytes=args.max_message_bytes, idle_timeout=args.idle_timeout,
                               token=args.token, allow_origins=tuple(args.allow_origin or ()),
-                              drain_seconds=args.drain_seconds)
+                              drain_seconds=args.drain_seconds, max_batch=args.max_batch,
+                              max_wait_ms=args.max_wait_ms, workers=args.workers,
+                              max_utilization=args.max_utilization)
     except ValueError as exc:
         print(f"whisper-stream: {exc}", file=sys.stderr)
         return 2
-    configure_threads(args.threads)
+    configure_threads(args.threads or max(1, min(os.cpu_count() or 1, 4) // config.workers))
     try:
         engine = Engine.load(args.model, device=args.device)
     except ModelLoadError as exc:

@@ -205,7 +205,7 @@ def test_a_failing_request_gets_its_own_exception(engine, requests) -> None:
 
 
 def test_single_request_runs_alone(tiny_model, tok, monkeypatch) -> None:
-    monkeypatch.setattr(inference, "_run_batch", lambda *a: pytest.fail("a single request needs no batch"))
+    monkeypatch.setattr(inference, "encode_windows", lambda *a: pytest.fail("a single request needs no batch"))
     small = Engine(tiny_model, tok)
     [reply] = run_windows(small, [WindowRequest(np.zeros(SR, np.float32), beam_size=1)])
     assert isinstance(reply, WindowReply)

@@ -108,6 +108,10 @@ async def test_a_failing_request_fails_only_its_own_stream() -> None:
         results = await asyncio.gather(first, *tasks, return_exceptions=True)
         assert isinstance(results[2], ValueError) and "bad window 2.0" in str(results[2])
         assert [r.language for i, r in enumerate(results) if i != 2] == ["0.0", "1.0", "3.0"]
+        for _ in range(100):  # replies go out as they are ready; the batch's metrics follow
+            if scheduler.metrics.request_failures:
+                break
+            await asyncio.sleep(0.01)
         assert scheduler.metrics.request_failures == 1
     finally:
         scheduler.close()
@@ -190,8 +194,63 @@ async def test_close_fails_queued_requests_and_refuses_new_ones() -> None:
         await queued
     with pytest.raises(RuntimeError, match="scheduler is closed"):
         await scheduler.submit(request())
-    assert not scheduler._thread.is_alive()
+    assert not any(thread.is_alive() for thread in scheduler._threads)
     scheduler.close()  # idempotent
+
+
+async def test_each_reply_is_delivered_when_the_runner_yields_it_and_beam_searches_run_last() -> None:
+    gate = threading.Event()
+    order: list[list[float]] = []
+
+    def runner(engine: object, requests: list[WindowRequest]):
+        order.append([float(r.audio[0]) for r in requests])
+        yield WindowReply(language="first")
+        assert gate.wait(5)  # the first reply reaches its stream before the second is computed
+        for r in requests[1:]:
+            yield WindowReply(language=str(float(r.audio[0])))
+
+    scheduler = Scheduler(object(), max_wait_ms=200, runner=runner)
+    try:
+        beam = asyncio.create_task(scheduler.submit(WindowRequest(np.full(160, 1.0, np.float32), beam_size=5)))
+        greedy = asyncio.create_task(scheduler.submit(request(2.0)))
+        assert (await asyncio.wait_for(greedy, 5)).language == "first"
+        assert not beam.done()
+        gate.set()
+        assert (await asyncio.wait_for(beam, 5)).language == "1.0"
+        assert order == [[2.0, 1.0]]
+    finally:
+        gate.set()
+        scheduler.close()
+
+
+async def test_a_runner_that_stops_early_fails_the_rest_of_its_batch() -> None:
+    def runner(engine: object, requests: list[WindowRequest]):
+        yield WindowReply(language="only one")
+
+    scheduler = Scheduler(object(), max_wait_ms=200, runner=runner)
+    try:
+        first, second = (asyncio.create_task(scheduler.submit(request(t))) for t in (0.0, 1.0))
+        assert (await first).language == "only one"
+        with pytest.raises(RuntimeError, match="1 results for 2 requests"):
+            await second
+        assert (await scheduler.submit(request(3.0))).language == "only one"  # the worker lives on
+    finally:
+        scheduler.close()
+
+
+async def test_workers_run_batches_in_parallel() -> None:
+    both = threading.Barrier(2, timeout=5)
+
+    def runner(engine: object, requests: list[WindowRequest]):
+        both.wait()  # returns only when two batches run at the same time
+        return [WindowReply(language=threading.current_thread().name) for _ in requests]
+
+    scheduler = Scheduler(object(), max_batch=1, max_wait_ms=0, runner=runner, workers=2)
+    try:
+        replies = await asyncio.gather(scheduler.submit(request(0.0)), scheduler.submit(request(1.0)))
+        assert {r.language for r in replies} == {"whisper-stream-inference-0", "whisper-stream-inference-1"}
+    finally:
+        scheduler.close()
 
 
 def test_invalid_settings_are_refused() -> None:
@@ -199,6 +258,8 @@ def test_invalid_settings_are_refused() -> None:
         Scheduler(object(), max_batch=0)
     with pytest.raises(ValueError, match="max_wait_ms=-1 is out of range"):
         Scheduler(object(), max_wait_ms=-1)
+    with pytest.raises(ValueError, match="workers=0 is invalid"):
+        Scheduler(object(), workers=0)
 
 
 @pytest.mark.real_model

@@ -279,6 +279,39 @@ async def test_capacity(engine: Engine) -> None:
         assert server.metrics.errors["capacity"] == 1
 
 
+async def test_a_stream_beyond_the_measured_capacity_is_refused_as_overloaded(engine: Engine, clip: bytes) -> None:
+    async with serving(engine, max_utilization=0.001) as server, connect(server.url) as first:
+        await receive(first, "ready")
+        await send_audio(first, clip[:int(JFK_SECONDS * 32000)], speed=1.5)  # > 5 s of stream time measured
+        assert server.admission.cost is not None and server.admission.cost > 0
+        status, _, body = await asyncio.to_thread(http_get, f"http://127.0.0.1:{server.port}/healthz")
+        assert status == 503 and json.loads(body)["status"] == "full"
+        async with connect(server.url) as second:
+            replies = await receive_all(second, timeout=10)
+            assert second.close_code == 1013
+        assert codes(replies) == ["overloaded"] and "retry later" in replies[0]["message"]
+        await first.send('{"type": "stop"}')
+        messages = await receive_all(first)
+        assert messages[-1]["type"] == "done" and "fellow americans" in finals_text(messages)
+        assert server.metrics.errors["overloaded"] == 1
+
+
+async def test_audio_far_faster_than_real_time_is_paused_with_a_warning_and_fully_transcribed(
+        engine: Engine, clip: bytes) -> None:
+    async with serving(engine) as server, connect(server.url) as ws:
+        await receive(ws, "ready")
+        for i in range(0, len(clip), CHUNK):  # 45 s of audio at once
+            await ws.send(clip[i:i + CHUNK])
+        await ws.send('{"type": "stop"}')
+        messages = await receive_all(ws)
+    warnings = [m for m in messages if m["type"] == "warning"]
+    assert [w["code"] for w in warnings] == ["audio_backlog"] and "real time" in warnings[0]["message"]
+    assert set(warnings[0]) == set(doc_examples()["warning"])
+    done = messages[-1]
+    assert done["type"] == "done" and done["audio_seconds"] == pytest.approx(45.6, abs=0.1)
+    assert "fellow americans" in finals_text(messages) and "north wind" in finals_text(messages)
+
+
 async def test_token_auth(engine: Engine) -> None:
     async with serving(engine, token="s3cret") as server:
         for url, headers in ((server.url, {}), (server.url, {"Authorization": "Bearer wrong"}),
