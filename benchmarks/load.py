@@ -12,7 +12,7 @@ inference batch size (from /metrics).
 one batched call against one call per request, in the same process.
 
 Usage: python benchmarks/load.py [--streams 1 2 4 8 16] [--max-batch 8 1] [--seconds 60] [--workers 1]
-                                 [--threads N]
+                                 [--threads N] [--max-utilization 0.8]
        python benchmarks/load.py --windows 8 [--repeats 5]
 """
 
@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from evalkit import ROOT, load_stream, machine, scorer
 
-from streaming.client import pcm_chunks, stream_audio
+from streaming.client import ClientError, pcm_chunks, stream_audio
 from streaming.engine import Engine, configure_threads
 from streaming.inference import WindowRequest, run_window, run_windows
 from streaming.recognizer import StreamCore, StreamOptions
@@ -89,9 +89,11 @@ def word_latencies(score, reference: dict, events: list[dict]) -> list[float]:
 class ServerProcess:
     """``whisper-stream serve`` on a free port in a child process; its log goes to ``log``."""
 
-    def __init__(self, model: str, threads: int | None, workers: int, max_batch: int, log: Path):
+    def __init__(self, model: str, threads: int | None, workers: int, max_batch: int, max_utilization: float,
+                 log: Path):
         command = [sys.executable, "-m", "streaming.cli", "serve", "--port", "0", "--model", model,
-                   "--max-streams", "64", "--workers", str(workers), "--max-batch", str(max_batch)]
+                   "--max-streams", "64", "--workers", str(workers), "--max-batch", str(max_batch),
+                   "--max-utilization", str(max_utilization)]
         command += ["--threads", str(threads)] if threads else []
         log.parent.mkdir(parents=True, exist_ok=True)
         self.log = log
@@ -124,8 +126,9 @@ class ServerProcess:
 # ------------------------------------------------------------------------------------------- the clients
 
 
-async def client(url: str, audio: np.ndarray, delay: float) -> list[dict]:
-    """Stream ``audio`` in real time after ``delay`` seconds; the final and partial events, stamped."""
+async def client(url: str, audio: np.ndarray, delay: float) -> list[dict] | None:
+    """Stream ``audio`` in real time after ``delay`` seconds; the final and partial events, stamped (None:
+    the server refused the stream as overloaded or at capacity)."""
     await asyncio.sleep(delay)
     loop = asyncio.get_running_loop()
     events: list[dict] = []
@@ -141,11 +144,16 @@ async def client(url: str, audio: np.ndarray, delay: float) -> list[dict]:
             events.append({"t": round(loop.time() - first_sample[0], 3), "type": message["type"],
                            "text": message["text"]})
 
-    await stream_audio(url, chunks(), speed=1.0, on_event=record)
+    try:
+        await stream_audio(url, chunks(), speed=1.0, on_event=record)
+    except ClientError as exc:
+        if exc.code not in ("overloaded", "capacity"):
+            raise
+        return None
     return events
 
 
-async def run_clients(url: str, excerpts: list[tuple[np.ndarray, dict]]) -> list[list[dict]]:
+async def run_clients(url: str, excerpts: list[tuple[np.ndarray, dict]]) -> list[list[dict] | None]:
     delays = [(0.37 * i) % 1.0 for i in range(len(excerpts))]  # streams out of step, as real ones are
     return list(await asyncio.gather(*(client(url, a, d) for (a, _), d in zip(excerpts, delays))))
 
@@ -164,16 +172,17 @@ def load_run(server: ServerProcess, n: int, seconds: float, out: Path) -> dict[s
     errors = words = 0
     latencies: list[float] = []
     out.mkdir(parents=True, exist_ok=True)
-    for i, ((_, reference), events) in enumerate(zip(excerpts, logs)):
+    admitted = [(excerpt, events) for excerpt, events in zip(excerpts, logs) if events is not None]
+    for i, ((_, reference), events) in enumerate(admitted):
         (out / f"client-{i}.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events))
         result = score.score(reference, events)
         errors, words = errors + result["errors"], words + result["words"]
         latencies += word_latencies(score, reference, events)
-    audio_seconds = sum(len(a) for a, _ in excerpts) / SR
+    audio_seconds = sum(len(a) for (a, _), _ in admitted) / SR
     return {"wer": errors / max(words, 1), "p50": score.pct(latencies, 0.5), "p90": score.pct(latencies, 0.9),
             "cpu_per_audio": cpu / audio_seconds, "decodes": delta["whisper_stream_inference_requests_total"],
             "mean_batch": delta["whisper_stream_batch_size_sum"] / max(delta["whisper_stream_batch_size_count"], 1),
-            "wall": wall, "audio": audio_seconds}
+            "wall": wall, "audio": audio_seconds, "admitted": len(admitted)}
 
 
 # ------------------------------------------------------------------------------- run_windows on its own
@@ -222,6 +231,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads per server worker (default: the server's own default)")
     parser.add_argument("--workers", type=int, default=1, help="the server's inference worker threads")
+    parser.add_argument("--max-utilization", type=float, default=0.0,
+                        help="the server's admission limit (default 0: off, every stream is admitted)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "out" / "load"))
     parser.add_argument("--windows", type=int, default=0, help="time run_windows on this many requests instead")
     parser.add_argument("--repeats", type=int, default=5)
@@ -231,17 +242,18 @@ def main() -> None:
         time_windows(Engine.load(args.model), args.windows, args.repeats)
         return
     print(f"# load, {args.model}, {args.seconds:g} s per stream, server workers {args.workers}, threads "
-          f"{args.threads or 'default'}, {machine()}")
-    print(f"{'streams':>7} {'batch':>5} {'WER %':>6} {'p50 s':>6} {'p90 s':>6} {'cpu s/audio s':>13} "
+          f"{args.threads or 'default'}, max utilization {args.max_utilization or 'off'}, {machine()}")
+    print(f"{'streams':>7} {'admitted':>8} {'batch':>5} {'WER %':>6} {'p50 s':>6} {'p90 s':>6} {'cpu s/audio s':>13} "
           f"{'mean batch':>10} {'decodes':>7} {'wall s':>6}")
     for max_batch in args.max_batch:
-        server = ServerProcess(args.model, args.threads, args.workers, max_batch,
+        server = ServerProcess(args.model, args.threads, args.workers, max_batch, args.max_utilization,
                                Path(args.out) / f"server-batch{max_batch}.log")
         try:
             for n in args.streams:
                 r = load_run(server, n, args.seconds, Path(args.out) / f"streams{n}-batch{max_batch}")
-                print(f"{n:>7} {max_batch:>5} {100 * r['wer']:6.1f} {r['p50'] or 0:6.2f} {r['p90'] or 0:6.2f} "
-                      f"{r['cpu_per_audio']:13.3f} {r['mean_batch']:10.2f} {r['decodes']:7.0f} {r['wall']:6.0f}",
+                print(f"{n:>7} {r['admitted']:>8} {max_batch:>5} {100 * r['wer']:6.1f} {r['p50'] or 0:6.2f} "
+                      f"{r['p90'] or 0:6.2f} {r['cpu_per_audio']:13.3f} {r['mean_batch']:10.2f} "
+                      f"{r['decodes']:7.0f} {r['wall']:6.0f}",
                       flush=True)
         finally:
             server.stop()

@@ -84,6 +84,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--min-chunk", type=float, default=StreamOptions.min_chunk)
     parser.add_argument("--agreement", type=int, default=StreamOptions.agreement)
+    parser.add_argument("--commit-margin", type=float, default=StreamOptions.commit_margin)
     parser.add_argument("--context", type=float, default=StreamOptions.context,
                         help="seconds of audio context for interim decodes (0: window + 4 s)")
     parser.add_argument("--final-context", type=float, default=StreamOptions.final_context)
@@ -98,13 +99,15 @@ def main() -> None:
     configure_threads(args.threads)
     engine = Engine.load(args.model)
     options = StreamOptions(language=args.language, min_chunk=args.min_chunk, agreement=args.agreement,
-                            beam_size=args.beam_size, context=args.context, final_context=args.final_context,
+                            commit_margin=args.commit_margin, beam_size=args.beam_size, context=args.context,
+                            final_context=args.final_context,
                             final_beam_size=args.final_beam_size, vad=VadConfig(endpoint_ms=args.endpoint_ms))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     score = scorer().score
     print(f"# streaming, {args.model}, speed {args.speed or 'max'}, {args.threads} thread(s), min_chunk "
-          f"{args.min_chunk}, LocalAgreement-{args.agreement}, beam {args.beam_size}, endpoint "
+          f"{args.min_chunk}, LocalAgreement-{args.agreement}, margin {args.commit_margin} s, "
+          f"beam {args.beam_size}, endpoint "
           f"{args.endpoint_ms} ms, context {args.context or 'window+4s'}, final context {args.final_context} s, "
           f"final beam {args.final_beam_size}, {machine()}")
     print(f"{'stream':<12} {'WER %':>6} {'p50 s':>6} {'p90 s':>6} {'words':>6} {'cpu s/audio s':>14} {'decodes':>8}")

@@ -21,10 +21,10 @@ class Admission:
     """Capacity from measured cost; thread-safe (workers record, the event loop asks)."""
 
     def __init__(self, workers: int = 1, target: float = 0.8, window: float = 30.0,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic, enabled: bool = True):
         if not 0 < target <= 1:
             raise ValueError(f"target utilization {target!r} is out of range; allowed: above 0, at most 1")
-        self.workers, self.target, self.window, self.clock = workers, target, window, clock
+        self.workers, self.target, self.window, self.clock, self.enabled = workers, target, window, clock, enabled
         self._lock = threading.Lock()
         self._busy: deque[tuple[float, float]] = deque()  # (end time, busy seconds) of each batch
         self._streams: deque[tuple[float, int]] = deque()  # (time, open streams from then on)
@@ -53,8 +53,10 @@ class Admission:
 
     def admits(self, open_streams: int) -> bool:
         """Whether one more stream fits beside ``open_streams`` within the target utilization."""
+        if not self.enabled or open_streams == 0:
+            return True
         predicted = self.utilization(open_streams + 1)
-        return predicted is None or open_streams == 0 or predicted <= self.target
+        return predicted is None or predicted <= self.target
 
     def _estimate(self, now: float) -> float | None:
         start = now - self.window

@@ -34,31 +34,41 @@ def keys(words: list[Word]) -> list[str]:
 
 
 class LocalAgreement:
-    """Commit the longest common prefix of the last ``n`` hypotheses of the uncommitted words."""
+    """Commit the longest common prefix of the last ``n`` hypotheses of the uncommitted words.
 
-    def __init__(self, n: int = 2) -> None:
+    With a ``margin``, a word is committed only once the oldest of those hypotheses heard at least
+    ``margin`` seconds of audio after it: a word cut off at the end of a window ("for" of "forwarding")
+    can be decoded the same way twice, and is not final until audio after it confirms it.
+    """
+
+    def __init__(self, n: int = 2, margin: float = 0.0) -> None:
         if n < 1:
             raise ValueError(f"n={n!r} is out of range; allowed: n >= 1")
-        self._history: deque[list[Word]] = deque(maxlen=n)
+        if margin < 0:
+            raise ValueError(f"margin={margin!r} is out of range; allowed: margin >= 0 seconds")
+        self.margin = margin
+        self._history: deque[tuple[list[Word], float]] = deque(maxlen=n)
 
-    def update(self, hypothesis: list[Word]) -> tuple[list[Word], list[Word]]:
-        """Add the newest hypothesis; return ``(newly_committed, partial)`` taken from it."""
+    def update(self, hypothesis: list[Word], heard_until: float = float("inf")) -> tuple[list[Word], list[Word]]:
+        """Add the newest hypothesis, decoded from audio up to ``heard_until`` (stream seconds); return
+        ``(newly_committed, partial)`` taken from it."""
         hypothesis = list(hypothesis)
-        self._history.append(hypothesis)
+        self._history.append((hypothesis, heard_until))
         if len(self._history) < self._history.maxlen:
             return [], hypothesis
+        oldest, oldest_heard = self._history[0]
         agreed = 0
-        for column in zip(*(keys(h) for h in self._history)):
-            if any(key != column[0] for key in column):
+        for column in zip(*(keys(h) for h, _ in self._history)):
+            if any(key != column[0] for key in column) or oldest[agreed].end > oldest_heard - self.margin:
                 break
             agreed += 1
-        for i, h in enumerate(self._history):
-            self._history[i] = h[agreed:]
+        for i, (h, heard) in enumerate(self._history):
+            self._history[i] = (h[agreed:], heard)
         return hypothesis[:agreed], hypothesis[agreed:]
 
     def commit_all(self) -> list[Word]:
         """End of utterance: commit the newest hypothesis entirely and reset."""
-        committed = self._history[-1] if self._history else []
+        committed = self._history[-1][0] if self._history else []
         self.reset()
         return committed
 

@@ -83,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--allow-origin", action="append", help="allowed browser Origin (repeatable; default: any)")
     s.add_argument("--max-utilization", type=float, default=0.8,
                    help="refuse new streams (overloaded) when the measured inference load with one more would "
-                        "exceed this share of the workers' time (default: 0.8)")
+                        "exceed this share of the workers' time (default: 0.8; 0: off)")
     s.add_argument("--drain-seconds", type=float, default=10.0, help="on SIGTERM, time to finish open streams")
     s.add_argument("--workers", type=int, default=1, help="inference worker threads (default: 1)")
     s.add_argument("--threads", type=int, default=None,

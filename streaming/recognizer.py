@@ -37,6 +37,7 @@ class StreamOptions:
     vad: VadConfig = field(default_factory=VadConfig)
     min_chunk: float = 0.8
     agreement: int = 2
+    commit_margin: float = 0.0
     max_window: float = 12.0
     sentence_trim: float = 6.0
     beam_size: int = 1
@@ -53,6 +54,8 @@ class StreamOptions:
             raise ValueError(f"max_window={self.max_window} is out of range; allowed: 2 to 25 seconds")
         if not 1 <= self.agreement <= 5:
             raise ValueError(f"agreement={self.agreement} is out of range; allowed: 1 to 5")
+        if not 0 <= self.commit_margin <= 2:
+            raise ValueError(f"commit_margin={self.commit_margin} is out of range; allowed: 0 to 2 seconds")
         for name in ("beam_size", "final_beam_size"):
             if not 1 <= getattr(self, name) <= 10:
                 raise ValueError(f"{name}={getattr(self, name)} is out of range; allowed: 1 to 10")
@@ -79,7 +82,7 @@ class StreamCore:
         self._vad = VoiceActivityDetector(options.vad)
         self._queue: deque = deque()
         self._window = AudioWindow()
-        self._agreement = LocalAgreement(options.agreement)
+        self._agreement = LocalAgreement(options.agreement, options.commit_margin)
         self._context: list[int] = []  # tokens of committed text before the window (the prompt)
         self._window_words: list[Word] = []  # committed words still inside the window (forced prefix)
         self._utterance_words: list[Word] = []  # committed in this utterance, to drop re-decoded text
@@ -159,11 +162,12 @@ class StreamCore:
         words = [Word(w.word, offset + w.start, offset + w.end, w.probability, tuple(w.tokens))
                  for w in reply.words]
         words = drop_redecoded(cut_loops(self._window_words, words), self._utterance_words)
+        heard_until = offset + len(request.audio) / SAMPLE_RATE
         if request.final or self._window.duration >= FORCE_COMMIT_SECONDS:
-            committed, _ = self._agreement.update(words)
+            committed, _ = self._agreement.update(words, heard_until)
             committed, partial = committed + self._agreement.commit_all(), []
         else:
-            committed, partial = self._agreement.update(words)
+            committed, partial = self._agreement.update(words, heard_until)
         log.debug("window %.2f-%.2fs final=%s prefix=%d tokens: heard %r, committed %r",
                   self._window.start, self._window.end, request.final, len(request.prefix),
                   "".join(w.word for w in reply.words), "".join(w.text for w in committed))

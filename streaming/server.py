@@ -80,7 +80,7 @@ class ServerConfig:
     max_batch: int = 8
     max_wait_ms: float = 5.0
     workers: int = 1
-    max_utilization: float = 0.8
+    max_utilization: float = 0.8  # 0: no admission control beyond max_streams
 
     def __post_init__(self) -> None:
         if self.max_streams < 1:
@@ -89,8 +89,8 @@ class ServerConfig:
             raise ValueError(f"max_message_bytes={self.max_message_bytes} is too small; use at least 1024")
         if self.idle_timeout < 0 or self.drain_seconds < 0:
             raise ValueError("idle_timeout and drain_seconds must be >= 0 seconds")
-        if not 0 < self.max_utilization <= 1:
-            raise ValueError(f"max_utilization={self.max_utilization} is out of range; allowed: above 0, at most 1")
+        if not 0 <= self.max_utilization <= 1:
+            raise ValueError(f"max_utilization={self.max_utilization} is out of range; allowed: 0 (off) to 1")
         if not 1 <= self.workers <= 16:
             raise ValueError(f"workers={self.workers} is out of range; allowed: 1 to 16")
         if self.max_batch < 1 or not 0 <= self.max_wait_ms <= 1000:
@@ -108,7 +108,7 @@ class Server:
         self.metrics = Metrics()
         self.info = EngineInfo(engine.name, engine.multilingual)
         self.draining = False
-        self.admission = Admission(config.workers, config.max_utilization)
+        self.admission = Admission(config.workers, config.max_utilization or 1.0, enabled=config.max_utilization > 0)
         self._connections: dict[asyncio.Task, _Connection] = {}
         self._scheduler: Scheduler | None = None
         self._server = None

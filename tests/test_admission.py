@@ -57,6 +57,13 @@ def test_the_estimate_follows_the_load_and_survives_idle_time() -> None:
     assert admission.cost == pytest.approx(0.1)
 
 
+def test_disabled_admission_admits_everything() -> None:
+    clock = Clock()
+    admission = Admission(workers=1, target=0.5, clock=clock, enabled=False)
+    run_streams(admission, clock, 4, 10, 0.5)
+    assert admission.utilization(5) == pytest.approx(2.5) and admission.admits(40)
+
+
 def test_invalid_target() -> None:
     with pytest.raises(ValueError, match="target utilization 0 is out of range"):
         Admission(target=0)

@@ -31,6 +31,25 @@ def test_n_must_be_positive() -> None:
         LocalAgreement(0)
 
 
+def test_margin_holds_back_a_word_the_older_hypothesis_heard_only_to_its_end() -> None:
+    la = LocalAgreement(2, margin=0.3)
+    la.update(words("call for"), heard_until=1.05)  # "for" ends at 1.0: the audio was cut inside "forwarding"
+    committed, partial = la.update(words("call for"), heard_until=1.85)  # the same cut twice: agreed
+    assert text(committed) == " call" and text(partial) == " for"
+    committed, partial = la.update(words("forwarding to", start=0.5), heard_until=2.6)
+    assert committed == [] and text(partial) == " forwarding to"  # not "for reading"
+    committed, _ = la.update(words("forwarding to you", start=0.5), heard_until=3.4)
+    assert text(committed) == " forwarding to"
+
+
+def test_without_margin_a_word_at_the_window_end_is_committed() -> None:
+    la = LocalAgreement(2)
+    la.update(words("call for"), heard_until=1.05)
+    assert text(la.update(words("call for"), heard_until=1.85)[0]) == " call for"
+    with pytest.raises(ValueError, match="margin=-1"):
+        LocalAgreement(2, margin=-1)
+
+
 def test_local_agreement_2_commits_the_common_prefix() -> None:
     la = LocalAgreement(2)
     assert la.update(words("and so")) == ([], words("and so"))
