@@ -136,8 +136,12 @@ async def _connect(url: str, token: str | None, open_timeout: float) -> ClientCo
     except InvalidURI as exc:
         raise ClientError(f"invalid server URL {url!r} ({exc}); use e.g. {DEFAULT_URL}") from None
     except InvalidStatus as exc:
-        raise ClientError(_refusal_message(url, exc.response.status_code, exc.response.body, token),
-                          code=str(exc.response.status_code)) from None
+        status, body = exc.response.status_code, exc.response.body or b""
+        refusal = _json_error(body)
+        if refusal is not None:  # 503: draining, capacity or overloaded
+            raise ClientError(f"{url} refused the stream (HTTP {status} {refusal['code']}): {refusal['message']}",
+                              code=refusal["code"]) from None
+        raise ClientError(_refusal_message(url, status, body, token), code=str(status)) from None
     except InvalidHandshake as exc:
         raise ClientError(f"{url} did not accept a WebSocket connection ({exc}); check the URL") from None
     except (TimeoutError, asyncio.TimeoutError):
@@ -149,6 +153,17 @@ async def _connect(url: str, token: str | None, open_timeout: float) -> ClientCo
         cause = "connection refused" if isinstance(exc, ConnectionRefusedError) else str(exc)
         raise ClientError(f"cannot connect to {url}: {cause}; is the server running? start it with "
                           "`whisper-stream serve` (and check the host and port)") from None
+
+
+def _json_error(body: bytes) -> dict[str, str] | None:
+    """The server's ``error`` message in a refused handshake's body, if that is what the body holds."""
+    try:
+        message = json.loads(body)
+    except ValueError:
+        return None
+    if isinstance(message, dict) and isinstance(message.get("code"), str) and isinstance(message.get("message"), str):
+        return message
+    return None
 
 
 def _refusal_message(url: str, status: int, body: bytes | None, token: str | None) -> str:

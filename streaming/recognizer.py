@@ -93,7 +93,7 @@ class StreamCore:
         self._revision = 0
         self._partial_text = ""
         self._utterance_has_text = False
-        self._language_sent = False
+        self._committed_end = 0.0  # stream seconds: the end of the last final word
 
     # --- input ---------------------------------------------------------------------------------------
 
@@ -210,11 +210,21 @@ class StreamCore:
     def _commit(self, words: list[Word]) -> list[Event]:
         if not words:
             return []
+        words = self._monotone(words)
         self._window_words += words
         self._utterance_words += words
         self._utterance_has_text = True
         text = "".join(w.text for w in words)
         return [Final(self._segment, text, words[0].start, words[-1].end, tuple(words))]
+
+    def _monotone(self, words: list[Word]) -> list[Word]:
+        """Final word times never go back: aligned times of separate decodes can overlap by a frame or two."""
+        out = []
+        for w in words:
+            start = max(w.start, self._committed_end)
+            self._committed_end = max(w.end, start)
+            out.append(Word(w.text, start, self._committed_end, w.probability, w.tokens))
+        return out
 
     def _partial(self, words: list[Word]) -> list[Event]:
         text = "".join(w.text for w in words)

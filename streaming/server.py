@@ -41,6 +41,7 @@ from .protocol import (
     Run,
     Send,
     Session,
+    error_message,
     refusal,
     warning_message,
 )
@@ -221,10 +222,25 @@ class Server:
         if not self._authorized(request, query):
             return self._unauthorized(connection)
         if self.draining:
-            return _respond(connection, http.HTTPStatus.SERVICE_UNAVAILABLE,
-                            "draining: the server is shutting down; retry on another instance\n",
-                            "text/plain; charset=utf-8")
+            return self._busy(connection, "draining", "the server is shutting down; retry on another instance")
+        if self.active_streams >= self.config.max_streams:
+            return self._busy(connection, "capacity", f"the server is at its limit of {self.config.max_streams} "
+                                                      "streams; retry later or on another instance")
+        if not self.admission.admits(self.active_streams):
+            return self._busy(connection, "overloaded", "the server's inference capacity is in use; retry later "
+                                                        "or on another instance")
         return None
+
+    def _busy(self, connection: ServerConnection, code: str, message: str) -> Response:
+        """HTTP 503 before the upgrade, so that a load balancer can send the stream to another instance."""
+        self.metrics.count_error(code)
+        if code != "draining":
+            log.warning("refused a stream (%s): %d open, predicted load with one more %s", code,
+                        self.active_streams, _percent(self.admission.utilization(self.active_streams + 1)))
+        response = _respond(connection, http.HTTPStatus.SERVICE_UNAVAILABLE, json.dumps(error_message(code, message)),
+                            "application/json")
+        response.headers["Retry-After"] = "1"
+        return response
 
     def _authorized(self, request: Request, query: dict[str, list[str]]) -> bool:
         if self.config.token is None:
@@ -245,6 +261,7 @@ class Server:
 
     async def _handle(self, ws: ServerConnection) -> None:
         assert self._scheduler is not None
+        # The handshake checks capacity (HTTP 503); these catch handshakes that passed it at the same time.
         if len(self._connections) >= self.config.max_streams:
             self.metrics.count_error("capacity")
             log.warning("refused a stream from %s: all %d streams busy", _peer(ws), self.config.max_streams)
@@ -253,10 +270,8 @@ class Server:
             return
         if not self.admission.admits(len(self._connections)):
             self.metrics.count_error("overloaded")
-            load = self.admission.utilization(len(self._connections) + 1) or 0.0
-            log.warning("refused a stream from %s: %d open streams use the measured inference capacity (one more "
-                        "would need %.0f%% of the workers' time, limit %.0f%%)", _peer(ws), len(self._connections),
-                        100 * load, 100 * self.config.max_utilization)
+            log.warning("refused a stream from %s (overloaded): %d open, predicted load with one more %s", _peer(ws),
+                        len(self._connections), _percent(self.admission.utilization(len(self._connections) + 1)))
             await _send_all(ws, refusal("overloaded", "the server's inference capacity is in use; retry later or "
                                                       "on another instance", TRY_AGAIN_LATER))
             return
@@ -447,6 +462,10 @@ def _respond(connection: ServerConnection, status: http.HTTPStatus, body: str, c
     del response.headers["Content-Type"]
     response.headers["Content-Type"] = content_type
     return response
+
+
+def _percent(share: float | None) -> str:
+    return "not measured yet" if share is None else f"{100 * share:.0f}% of the workers' time"
 
 
 def _peer(ws: ServerConnection) -> str:

@@ -575,6 +575,25 @@ def test_a_final_decode_that_restarts_the_utterance_commits_nothing_twice(
         assert "".join(final_words(events)).count("like these days") == 2
 
 
+def test_final_word_times_never_go_back_when_decodes_disagree_on_a_boundary() -> None:
+    stream = build([sentence(10)])
+
+    def overlapping(seen: Seen, new: list[int]) -> list[int | WordTiming]:
+        # the first new word of each decode is aligned 0.25 s early and ends where it starts: it starts and
+        # ends before the last committed word ended
+        early = [WordTiming(stream.words[i].text, (i,), stream.words[i].start - seen.start - 0.25,
+                            stream.words[i].start - seen.start - 0.25, 0.9) for i in new[:1]]
+        return early + new[1:]
+
+    events = drive(StreamCore(), FakeDecoder(stream, overlapping), stream.audio)
+    assert final_words(events) == stream.texts
+    words = [w for f in finals(events) for w in f.words]
+    assert len(finals(events)) > 1
+    assert all(w.start <= w.end for w in words)
+    assert all(a.end <= b.start for a, b in zip(words, words[1:]))
+    assert all(a.end <= b.start for a, b in zip(finals(events), finals(events)[1:]))
+
+
 def test_a_silent_reply_on_noise_commits_nothing_and_uses_no_segment() -> None:
     stream = build([2.5, sentence(5), 1.2])  # voiced noise, speech, voiced noise
     noise = [stream.spans[0], stream.spans[2]]

