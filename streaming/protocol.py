@@ -251,7 +251,10 @@ class Session:
         """The server is shutting down: decode the audio received so far, send the last results, close."""
         if self.state not in ("new", "streaming"):
             return []
-        return self._end_stream("shutdown", GOING_AWAY)
+        notice = Send(warning_message("draining", "the server is shutting down: audio from now on is not "
+                                                  "transcribed; the last finals and 'done' follow; reconnect to "
+                                                  "continue (a load balancer sends you to another instance)"))
+        return [notice, *self._end_stream("shutdown", GOING_AWAY)]
 
     # --- messages ------------------------------------------------------------------------------------
 

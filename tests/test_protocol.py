@@ -373,8 +373,12 @@ def test_drain_finishes_the_stream_with_shutdown() -> None:
     stream(session, utterance(pause=0.2))
     out = run_all(session, session.drain())
     assert "final" in types(out) and messages(out)[-1]["reason"] == "shutdown" and closes(out) == [GOING_AWAY]
+    warning = messages(out)[0]
+    assert warning["type"] == "warning" and warning["code"] == "draining" and "reconnect" in warning["message"]
+    assert set(warning) == set(doc_examples()["warning"])
     idle = opened()
-    assert types(run_all(idle, idle.drain())) == ["done"]
+    assert types(run_all(idle, idle.drain())) == ["warning", "done"]
+    assert session.drain() == []
 
 
 def test_a_failed_decode_is_an_internal_error_without_done() -> None:
