@@ -85,11 +85,15 @@ def main() -> None:
     parser.add_argument("--min-chunk", type=float, default=StreamOptions.min_chunk)
     parser.add_argument("--agreement", type=int, default=StreamOptions.agreement)
     parser.add_argument("--commit-margin", type=float, default=StreamOptions.commit_margin)
+    parser.add_argument("--commit-probability", type=float, default=StreamOptions.commit_probability)
     parser.add_argument("--context", type=float, default=StreamOptions.context,
                         help="seconds of audio context for interim decodes (0: window + 4 s)")
+    parser.add_argument("--silence", type=float, default=StreamOptions.silence,
+                        help="seconds of silence appended to every interim window")
     parser.add_argument("--final-context", type=float, default=StreamOptions.final_context)
     parser.add_argument("--final-beam-size", type=int, default=StreamOptions.final_beam_size)
     parser.add_argument("--endpoint-ms", type=int, default=VadConfig.endpoint_ms)
+    parser.add_argument("--hangover-ms", type=int, default=VadConfig.hangover_ms)
     parser.add_argument("--beam-size", type=int, default=StreamOptions.beam_size)
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "out"))
     parser.add_argument("--debug-log", default=None, help="write the recogniser's debug log here")
@@ -99,16 +103,21 @@ def main() -> None:
     configure_threads(args.threads)
     engine = Engine.load(args.model)
     options = StreamOptions(language=args.language, min_chunk=args.min_chunk, agreement=args.agreement,
-                            commit_margin=args.commit_margin, beam_size=args.beam_size, context=args.context,
-                            final_context=args.final_context,
-                            final_beam_size=args.final_beam_size, vad=VadConfig(endpoint_ms=args.endpoint_ms))
+                            commit_margin=args.commit_margin, commit_probability=args.commit_probability,
+                            beam_size=args.beam_size, context=args.context,
+                            final_context=args.final_context, silence=args.silence,
+                            final_beam_size=args.final_beam_size,
+                            vad=VadConfig(endpoint_ms=args.endpoint_ms, hangover_ms=args.hangover_ms))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     score = scorer().score
     print(f"# streaming, {args.model}, speed {args.speed or 'max'}, {args.threads} thread(s), min_chunk "
           f"{args.min_chunk}, LocalAgreement-{args.agreement}, margin {args.commit_margin} s, "
+          f"min p {args.commit_probability}, "
           f"beam {args.beam_size}, endpoint "
-          f"{args.endpoint_ms} ms, context {args.context or 'window+4s'}, final context {args.final_context} s, "
+          f"{args.endpoint_ms} ms, hangover {args.hangover_ms} ms, "
+          f"context {args.context or 'window'} + {args.silence:g} s, "
+          f"final context {args.final_context} s, "
           f"final beam {args.final_beam_size}, {machine()}")
     print(f"{'stream':<12} {'WER %':>6} {'p50 s':>6} {'p90 s':>6} {'words':>6} {'cpu s/audio s':>14} {'decodes':>8}")
     for name in args.streams:

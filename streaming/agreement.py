@@ -38,15 +38,19 @@ class LocalAgreement:
 
     With a ``margin``, a word is committed only once the oldest of those hypotheses heard at least
     ``margin`` seconds of audio after it: a word cut off at the end of a window ("for" of "forwarding")
-    can be decoded the same way twice, and is not final until audio after it confirms it.
+    can be decoded the same way twice, and is not final until audio after it confirms it. With a
+    ``min_probability``, agreement stops at a word that any of the hypotheses gave a lower probability: an
+    unsure word waits for more audio (or the decode at the end of the utterance).
     """
 
-    def __init__(self, n: int = 2, margin: float = 0.0) -> None:
+    def __init__(self, n: int = 2, margin: float = 0.0, min_probability: float = 0.0) -> None:
         if n < 1:
             raise ValueError(f"n={n!r} is out of range; allowed: n >= 1")
         if margin < 0:
             raise ValueError(f"margin={margin!r} is out of range; allowed: margin >= 0 seconds")
-        self.margin = margin
+        if not 0 <= min_probability <= 1:
+            raise ValueError(f"min_probability={min_probability!r} is out of range; allowed: 0 to 1")
+        self.margin, self.min_probability = margin, min_probability
         self._history: deque[tuple[list[Word], float]] = deque(maxlen=n)
 
     def update(self, hypothesis: list[Word], heard_until: float = float("inf")) -> tuple[list[Word], list[Word]]:
@@ -60,6 +64,8 @@ class LocalAgreement:
         agreed = 0
         for column in zip(*(keys(h) for h, _ in self._history)):
             if any(key != column[0] for key in column) or oldest[agreed].end > oldest_heard - self.margin:
+                break
+            if min(h[agreed].probability for h, _ in self._history) < self.min_probability:
                 break
             agreed += 1
         for i, (h, heard) in enumerate(self._history):

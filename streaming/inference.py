@@ -63,6 +63,7 @@ class WindowRequest:
     final: bool = False
     beam_size: int = 1
     context: float = 0.0  # encode at least this many seconds (window + silence); 30 = Whisper's full window
+    silence: float = TRAILING_SILENCE  # and at least this much silence after the window
 
 
 @dataclass
@@ -75,24 +76,25 @@ class WindowReply:
     silence: bool = False
 
 
-def _context_padding(audio: np.ndarray, context: float) -> int:
-    """Samples of silence after the window: at least TRAILING_SILENCE, rounded up to a whole bucket, and at
-    least ``context`` seconds in all (at most 30)."""
+def _context_padding(audio: np.ndarray, context: float, silence: float = TRAILING_SILENCE) -> int:
+    """Samples of silence after the window: at least ``silence`` seconds, rounded up to a whole bucket, and
+    at least ``context`` seconds in all (at most 30)."""
     seconds = len(audio) / SAMPLE_RATE
-    total = max(context, math.ceil((seconds + TRAILING_SILENCE) / CONTEXT_BUCKET) * CONTEXT_BUCKET)
+    total = max(context, math.ceil((seconds + silence) / CONTEXT_BUCKET) * CONTEXT_BUCKET)
     return max(0, round(min(30.0, total) * SAMPLE_RATE) - len(audio))
 
 
-def encode_window(engine: Engine, audio: np.ndarray, context: float = 0.0) -> tuple[torch.Tensor, int]:
+def encode_window(engine: Engine, audio: np.ndarray, context: float = 0.0,
+                  silence: float = TRAILING_SILENCE) -> tuple[torch.Tensor, int]:
     """Encoder output for the window plus trailing silence (at least ``context`` seconds in all), and the
     number of mel frames of real audio."""
-    mel = engine.mel(audio, padding=_context_padding(audio, context))
+    mel = engine.mel(audio, padding=_context_padding(audio, context, silence))
     return engine.encode(mel), len(audio) // HOP_LENGTH
 
 
 def encode_windows(engine: Engine, requests: list[WindowRequest]) -> list[tuple[torch.Tensor, int]]:
     """:func:`encode_window` for several requests: those with equally long contexts share one encoder call."""
-    mels = [engine.mel(r.audio, padding=_context_padding(r.audio, r.context)) for r in requests]
+    mels = [engine.mel(r.audio, padding=_context_padding(r.audio, r.context, r.silence)) for r in requests]
     # Engine.encode pads an odd frame count with the spectrogram's floor; do it per request before stacking.
     mels = [F.pad(m, (0, m.shape[-1] % 2), value=float(m.min())) for m in mels]
     groups: dict[int, list[int]] = {}
@@ -178,7 +180,7 @@ def _policy(request: WindowRequest, policy: FallbackPolicy) -> FallbackPolicy:
 def run_window(engine: Engine, request: WindowRequest, policy: FallbackPolicy = FallbackPolicy()) -> WindowReply:
     """Decode the window after the forced ``prefix`` and time every new word (window-relative seconds)."""
     policy = _policy(request, policy)
-    window = _prepare(engine, request, *encode_window(engine, request.audio, request.context))
+    window = _prepare(engine, request, *encode_window(engine, request.audio, request.context, request.silence))
     return _finish(engine, window, _decode(engine, window, policy), policy)
 
 

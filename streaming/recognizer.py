@@ -17,7 +17,7 @@ import numpy as np
 from .agreement import LocalAgreement, Word
 from .events import Event, Final, LanguageDetected, Partial, UtteranceEnd
 from .guards import cut_loops, drop_redecoded
-from .inference import PROMPT_TOKENS, WindowReply, WindowRequest, run_window
+from .inference import PROMPT_TOKENS, TRAILING_SILENCE, WindowReply, WindowRequest, run_window
 from .vad import SAMPLE_RATE, SpeechAudio, SpeechEnd, SpeechStart, VadConfig, VoiceActivityDetector
 from .window import AudioWindow
 
@@ -38,11 +38,13 @@ class StreamOptions:
     min_chunk: float = 0.8
     agreement: int = 2
     commit_margin: float = 0.0
+    commit_probability: float = 0.0
     max_window: float = 12.0
     sentence_trim: float = 6.0
     beam_size: int = 1
     final_beam_size: int = 5
     context: float = 0.0
+    silence: float = TRAILING_SILENCE
     final_context: float = 30.0
 
     def __post_init__(self) -> None:
@@ -56,9 +58,13 @@ class StreamOptions:
             raise ValueError(f"agreement={self.agreement} is out of range; allowed: 1 to 5")
         if not 0 <= self.commit_margin <= 2:
             raise ValueError(f"commit_margin={self.commit_margin} is out of range; allowed: 0 to 2 seconds")
+        if not 0 <= self.commit_probability <= 1:
+            raise ValueError(f"commit_probability={self.commit_probability} is out of range; allowed: 0 to 1")
         for name in ("beam_size", "final_beam_size"):
             if not 1 <= getattr(self, name) <= 10:
                 raise ValueError(f"{name}={getattr(self, name)} is out of range; allowed: 1 to 10")
+        if not 0 <= self.silence <= 10:
+            raise ValueError(f"silence={self.silence} is out of range; allowed: 0 to 10 seconds")
         for name in ("context", "final_context"):
             if not 0 <= getattr(self, name) <= 30:
                 raise ValueError(f"{name}={getattr(self, name)} is out of range; allowed: 0 to 30 seconds")
@@ -82,7 +88,7 @@ class StreamCore:
         self._vad = VoiceActivityDetector(options.vad)
         self._queue: deque = deque()
         self._window = AudioWindow()
-        self._agreement = LocalAgreement(options.agreement, options.commit_margin)
+        self._agreement = LocalAgreement(options.agreement, options.commit_margin, options.commit_probability)
         self._context: list[int] = []  # tokens of committed text before the window (the prompt)
         self._window_words: list[Word] = []  # committed words still inside the window (forced prefix)
         self._utterance_words: list[Word] = []  # committed in this utterance, to drop re-decoded text
@@ -148,7 +154,8 @@ class StreamCore:
             audio=self._window.audio.copy(), prompt=tuple(self._context[-PROMPT_TOKENS:]) if final else (),
             prefix=tuple(t for w in self._window_words for t in w.tokens),
             initial_prompt=o.prompt, language=self.language, task=o.task, final=final,
-            beam_size=o.final_beam_size if final else o.beam_size, context=o.final_context if final else o.context)
+            beam_size=o.final_beam_size if final else o.beam_size, context=o.final_context if final else o.context,
+            silence=o.silence)
         self._decoded_to = self._window.end_sample
         return self._pending
 
