@@ -42,6 +42,19 @@ def test_margin_holds_back_a_word_the_older_hypothesis_heard_only_to_its_end() -
     assert text(committed) == " forwarding to"
 
 
+def test_an_unsure_word_stops_agreement_until_it_is_sure() -> None:
+    la = LocalAgreement(2, min_probability=0.5)
+    unsure = [Word(" the", 0.0, 0.3, 0.9), Word(" dial", 0.3, 0.6, 0.3), Word(" tone", 0.6, 0.9, 0.9)]
+    la.update(unsure)
+    committed, partial = la.update(unsure)
+    assert text(committed) == " the" and text(partial) == " dial tone"  # "tone" waits behind "dial"
+    sure = [Word(" dial", 0.3, 0.6, 0.8), Word(" tone", 0.6, 0.9, 0.9)]
+    assert la.update(sure)[0] == []  # the older hypothesis still doubts "dial"
+    assert text(la.update(sure)[0]) == " dial tone"
+    with pytest.raises(ValueError, match="min_probability=2"):
+        LocalAgreement(2, min_probability=2)
+
+
 def test_without_margin_a_word_at_the_window_end_is_committed() -> None:
     la = LocalAgreement(2)
     la.update(words("call for"), heard_until=1.05)
