@@ -72,6 +72,11 @@ class LocalAgreement:
             self._history[i] = (h[agreed:], heard)
         return hypothesis[:agreed], hypothesis[agreed:]
 
+    @property
+    def pending(self) -> bool:
+        """Whether a stored hypothesis holds words not committed yet."""
+        return any(h for h, _ in self._history)
+
     def commit_all(self) -> list[Word]:
         """End of utterance: commit the newest hypothesis entirely and reset."""
         committed = self._history[-1][0] if self._history else []

@@ -185,7 +185,8 @@ class PcmDecoder:
                 f"({self._dtype.itemsize}-byte {self.encoding} samples x {self.channels} channel(s)); "
                 "send chunks whose length is a multiple of the frame size"
             )
-        samples = np.frombuffer(raw, dtype=self._dtype).astype(np.float64)
+        with np.errstate(invalid="ignore"):  # signalling NaNs in pcm_f32le are refused just below
+            samples = np.frombuffer(raw, dtype=self._dtype).astype(np.float64)
         if self.encoding == "pcm_s16le":
             samples /= 32768.0
         elif not np.isfinite(samples).all():

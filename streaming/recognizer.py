@@ -38,7 +38,7 @@ class StreamOptions:
     min_chunk: float = 0.8
     agreement: int = 2
     commit_margin: float = 0.0
-    commit_probability: float = 0.0
+    commit_probability: float = 0.3
     max_window: float = 12.0
     sentence_trim: float = 6.0
     beam_size: int = 1
@@ -142,8 +142,10 @@ class StreamCore:
         return self._request(final=False)
 
     def _final_decode_needed(self) -> bool:
-        """At an endpoint, decode again unless almost nothing arrived since the last decode."""
-        return self._window.end_sample - self._decoded_to > FINAL_DECODE_MIN_NEW * SAMPLE_RATE
+        """At an endpoint, decode again if audio arrived since the last decode or words wait to be committed
+        (the final decode, with full context and beam search, decides them)."""
+        return (self._window.end_sample - self._decoded_to > FINAL_DECODE_MIN_NEW * SAMPLE_RATE
+                or self._agreement.pending)
 
     def _request(self, final: bool) -> WindowRequest:
         """Interim decodes are cheap: a short audio context, greedy, no previous-text prompt (with a short
@@ -164,6 +166,12 @@ class StreamCore:
         if request is not self._pending:
             raise ValueError("complete() got a request this stream did not issue or already completed")
         self._pending = None
+        if reply.silence and not request.final:
+            # Nothing usable (noise, or a decode that looped or was improbable): keep the hypotheses so far;
+            # more audio, or the final decode at the endpoint, decides.
+            log.debug("window %.2f-%.2fs: no usable hypothesis (no-speech %.2f, avg logprob %.2f)",
+                      self._window.start, self._window.end, reply.no_speech_prob, reply.avg_logprob)
+            return self._advance()
         events: list[Event] = []
         offset = self._window.start
         words = [Word(w.word, offset + w.start, offset + w.end, w.probability, tuple(w.tokens))

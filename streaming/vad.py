@@ -27,7 +27,7 @@ class VadConfig:
     frame_ms: int = 30
     pre_speech_pad_ms: int = 200
     hangover_ms: int = 300
-    endpoint_ms: int = 400
+    endpoint_ms: int = 300
     min_speech_ms: int = 90
     energy_floor_dbfs: float = -55.0
 

@@ -182,7 +182,7 @@ class Checker:
 
     def _language(self, message: dict) -> None:
         assert self.multilingual and self.started["language"] is None, message
-        assert self.languages == 0, "language twice"  # (before the first final: see the xfail test below)
+        assert self.languages == 0, "language twice"
         assert 0 <= message["probability"] <= 1
         self.languages += 1
 
@@ -596,8 +596,6 @@ def test_huge_integers_in_start_are_bad_start_not_a_crash() -> None:
         assert [m["type"] for m in sent] == ["error", "done"] and sent[0]["code"] == "bad_start", sent
 
 
-@pytest.mark.xfail(strict=True, reason="StreamCore commits an endpoint's pending words without a decode, before "
-                   "it reports the language that the earlier decode detected (streaming/recognizer.py)")
 def test_a_short_utterance_on_a_multilingual_model_reports_its_language_before_its_final() -> None:
     """Found by the fuzzer: 0.6 s of speech, one interim decode (language "en", nothing committed yet), a
     pause: the endpoint commits the words without another decode, so the ``final`` goes out before any

@@ -400,7 +400,7 @@ def test_finalize_commits_pending_words_now() -> None:
     assert core.idle
 
 
-def test_finalize_right_after_a_decode_commits_its_hypothesis_without_another() -> None:
+def test_finalize_right_after_a_decode_decides_the_pending_words_with_a_final_decode() -> None:
     stream = build([sentence(8)])
     core = StreamCore()
     decoder = FakeDecoder(stream)
@@ -414,9 +414,35 @@ def test_finalize_right_after_a_decode_commits_its_hypothesis_without_another() 
     assert final_words(events) == stream.texts[:1] and core.next_request() is None
     heard = decoder.seen[-1].heard
     events += core.finalize()
-    assert core.next_request() is None and len(decoder.seen) == decodes  # nothing new to decode
+    request = core.next_request()  # no new audio, but words wait: the final decode (full context, beam) decides
+    assert request is not None and request.final and request.audio.size == decoder.seen[-1].request.audio.size
+    events += serve(core, decoder)
+    assert len(decoder.seen) == decodes + 1 and core.next_request() is None
     assert final_words(events) == [stream.texts[i] for i in heard]
     assert isinstance(events[-1], UtteranceEnd)
+
+
+def test_an_unusable_interim_reply_keeps_the_partial_and_the_endpoint_still_commits_it() -> None:
+    stream = build([sentence(6)])
+    calls = 0
+
+    class Looping(FakeDecoder):
+        """Every interim decode after the first loops (a silent reply), so nothing agrees before the end."""
+
+        def __call__(self, request: WindowRequest) -> WindowReply:
+            nonlocal calls
+            calls += 1
+            reply = super().__call__(request)
+            if calls > 1 and not request.final:
+                return WindowReply(language="en", avg_logprob=-0.3, silence=True)
+            return reply
+
+    decoder = Looping(stream)
+    events = drive(StreamCore(), decoder, stream.audio)
+    partials = [e for e in events if isinstance(e, Partial)]
+    assert partials and partials[0].text and not any(p.text == "" for p in partials[:-1])
+    assert final_words(events) == stream.texts
+    assert decoder.seen[-1].request.final
 
 
 def test_requests_carry_the_stream_options() -> None:

@@ -174,7 +174,8 @@ def test_utterance_bounds_include_pre_pad_and_hangover() -> None:
 
 
 def test_short_pause_stays_inside_the_utterance() -> None:
-    audio = np.concatenate((silence(0.5), vowel(1.0), silence(0.4), vowel(1.0), silence(1.5)))
+    """A pause shorter than endpoint_ms (300 ms) does not end the utterance."""
+    audio = np.concatenate((silence(0.5), vowel(1.0), silence(0.2), vowel(1.0), silence(1.5)))
     [(start, end)] = utterances(run(audio), audio)
     assert start < SAMPLE_RATE // 2 and end > int(2.9 * SAMPLE_RATE)
 
@@ -229,9 +230,10 @@ def test_en_mixed_regions_match_reference_clips() -> None:
     # Every clip is found and every region is speech (gaps between clips are digital silence).
     assert all(any(overlap(c, s) for s in spans) for c in clips)
     assert all(any(overlap(s, c) for c in clips) for s in spans)
-    # Measured with defaults: 12 utterances for 9 clips (pauses inside clips split JFK and Beckett),
-    # 93% of the reference clip time covered (the rest is pauses inside clips).
-    assert len(clips) <= len(spans) <= 2 * len(clips)
+    # Measured with defaults: 19 utterances for 9 clips (the 300 ms endpoint splits JFK and Beckett at
+    # their pauses; 12 with a 400 ms endpoint), 93% of the reference clip time covered (the rest is pauses
+    # inside clips).
+    assert len(clips) <= len(spans) <= 2.5 * len(clips)
     covered = sum(overlap(c, s) for c in clips for s in spans)
     assert covered >= 0.9 * sum(end - start for start, end in clips)
 
