@@ -79,6 +79,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--streams", nargs="+", default=["en_prompts", "en_mixed", "noise_only"])
     parser.add_argument("--model", default="tiny.en")
+    parser.add_argument("--dtype", default=None, help="float32 (CPU default), bfloat16 or float16")
     parser.add_argument("--language", default=None)
     parser.add_argument("--speed", type=float, default=1.0, help="1 = real time; 0 = as fast as possible")
     parser.add_argument("--threads", type=int, default=1)
@@ -101,7 +102,7 @@ def main() -> None:
     if args.debug_log:
         logging.basicConfig(filename=args.debug_log, level=logging.DEBUG, filemode="w")
     configure_threads(args.threads)
-    engine = Engine.load(args.model)
+    engine = Engine.load(args.model, dtype=args.dtype)
     options = StreamOptions(language=args.language, min_chunk=args.min_chunk, agreement=args.agreement,
                             commit_margin=args.commit_margin, commit_probability=args.commit_probability,
                             beam_size=args.beam_size, context=args.context,
@@ -111,7 +112,8 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     score = scorer().score
-    print(f"# streaming, {args.model}, speed {args.speed or 'max'}, {args.threads} thread(s), min_chunk "
+    print(f"# streaming, {args.model} {args.dtype or ''}, speed {args.speed or 'max'}, {args.threads} thread(s), "
+          f"min_chunk "
           f"{args.min_chunk}, LocalAgreement-{args.agreement}, margin {args.commit_margin} s, "
           f"min p {args.commit_probability}, "
           f"beam {args.beam_size}, endpoint "

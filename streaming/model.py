@@ -114,8 +114,11 @@ def _stack_masks(masks: list[Tensor | None], lengths: list[int], rows: list[int]
 
 
 class LayerNorm(nn.LayerNorm):
+    """Normalises in float32 whatever the model's dtype (half precision loses too much here)."""
+
     def forward(self, x: Tensor) -> Tensor:
-        return super().forward(x.float()).type(x.dtype)
+        return F.layer_norm(x.float(), self.normalized_shape, self.weight.float(), self.bias.float(),
+                            self.eps).type(x.dtype)
 
 
 class MultiHeadAttention(nn.Module):

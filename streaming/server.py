@@ -128,7 +128,9 @@ class Server:
         except BaseException:
             await asyncio.to_thread(self._scheduler.close)
             raise
-        log.info("listening on %s (model %s, at most %d streams)", self.url, self.info.model, self.config.max_streams)
+        log.info("listening on %s (model %s, %s, at most %d streams)", self.url, self.info.model,
+                 str(getattr(getattr(self.engine, "model", None), "dtype", "?")).removeprefix("torch."),
+                 self.config.max_streams)
 
     @property
     def port(self) -> int:
@@ -495,7 +497,7 @@ async def run_server(engine: Any, config: ServerConfig, stop: asyncio.Event | No
 
 def serve_command(args: argparse.Namespace) -> int:
     """``whisper-stream serve``: load the model once and run the server until a signal."""
-    from .engine import Engine, configure_threads
+    from .engine import Engine, configure_threads, fast_cpu_dtype
     from .weights import ModelLoadError
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -513,7 +515,10 @@ def serve_command(args: argparse.Namespace) -> int:
         return 2
     configure_threads(args.threads or max(1, min(os.cpu_count() or 1, 4) // config.workers))
     try:
-        engine = Engine.load(args.model, device=args.device)
+        dtype = args.dtype
+        if dtype == "auto":
+            dtype = None if args.device == "cuda" else fast_cpu_dtype()
+        engine = Engine.load(args.model, device=args.device, dtype=dtype)
     except ModelLoadError as exc:
         print(f"whisper-stream: {exc}", file=sys.stderr)
         return 2

@@ -48,7 +48,13 @@ def load_model(name_or_path: str | os.PathLike, device: str | torch.device | Non
 
     Float32 on CPU and float16 on CUDA unless ``dtype`` says otherwise.
     """
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    try:
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError as exc:
+        raise ModelLoadError(f"device {device!r} is not valid ({exc}); use cpu or cuda") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError("device cuda was asked for, but this torch build sees no CUDA GPU; use --device cpu "
+                             "(or install a CUDA build of torch on a machine with an NVIDIA GPU)")
     dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
     spec = str(name_or_path)
     if spec in NAMED_MODELS:

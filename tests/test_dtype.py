@@ -1,0 +1,44 @@
+"""Model precision and device choice: bfloat16 on CPU transcribes like float32; bad choices are clear errors."""
+
+from __future__ import annotations
+
+import wave
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from streaming.engine import Engine, fast_cpu_dtype
+from streaming.inference import WindowRequest, run_window
+from streaming.weights import ModelLoadError
+
+
+@pytest.mark.real_model
+def test_bfloat16_transcribes_the_jfk_clip_like_float32(engine: Engine, shared_eval: Path) -> None:
+    with wave.open(str(shared_eval / "streams" / "en_mixed.wav")) as w:
+        audio = np.frombuffer(w.readframes(int(11.6 * 16000)), "<i2").astype(np.float32) / 32768
+    half = Engine.load("tiny.en", device="cpu", dtype="bfloat16")
+    assert half.model.dtype == torch.bfloat16
+    for request in (WindowRequest(audio[: 3 * 16000]), WindowRequest(audio, final=True, beam_size=5, context=30)):
+        reference, reply = run_window(engine, request), run_window(half, request)
+        assert [w.word for w in reply.words] == [w.word for w in reference.words]
+        for a, b in zip(reply.words, reference.words):
+            assert a.start == pytest.approx(b.start, abs=0.1) and a.end == pytest.approx(b.end, abs=0.1)
+    assert "fellow Americans" in "".join(w.word for w in reply.words)
+
+
+def test_fast_cpu_dtype_follows_the_cpu_flags() -> None:
+    flags = Path("/proc/cpuinfo").read_text(errors="replace") if Path("/proc/cpuinfo").exists() else ""
+    native = "amx_bf16" in flags or "avx512_bf16" in flags
+    assert fast_cpu_dtype() == ("bfloat16" if native else "float32")
+
+
+def test_unknown_dtype_and_missing_cuda_are_clear_errors() -> None:
+    with pytest.raises(ValueError, match="dtype 'int4' is not supported; use one of float32, bfloat16, float16"):
+        Engine.load("tiny.en", dtype="int4")
+    if not torch.cuda.is_available():
+        with pytest.raises(ModelLoadError, match="this torch build sees no CUDA GPU; use --device cpu"):
+            Engine.load("tiny.en", device="cuda")
+    with pytest.raises(ModelLoadError, match="device 'tpu9' is not valid"):
+        Engine.load("tiny.en", device="tpu9")
