@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -50,17 +50,13 @@ def _settle(future: asyncio.Future, result: WindowReply | BaseException) -> None
         future.set_result(result)
 
 
-def _runs_alone(request: WindowRequest) -> bool:
-    """Beam-search decodes run after the batch's greedy ones (see :func:`streaming.inference.iter_windows`)."""
-    return request.beam_size > 1
-
-
 class Scheduler:
     """Inference worker threads (``workers``, default one) shared by all streams.
 
-    ``runner`` is called on a worker thread as ``runner(engine, requests)`` and must produce one reply or
-    exception per request, in order (default: :func:`streaming.inference.iter_windows`); a batch lists its
-    greedy requests before its beam-search ones. ``on_busy(seconds)`` hears how long each batch took.
+    Final decodes (the end of an utterance: most of the words a user waits for) go first, one per runner
+    call; interim decodes that wait together share a batch. ``runner`` is called on a worker thread as
+    ``runner(engine, requests)`` and must produce one reply or exception per request, in order (default:
+    :func:`streaming.inference.iter_windows`). ``on_busy(seconds)`` hears how long each batch took.
     """
 
     def __init__(self, engine: Any, max_batch: int = 8, max_wait_ms: float = 5, metrics: Metrics | None = None,
@@ -77,7 +73,9 @@ class Scheduler:
         self.metrics = metrics if metrics is not None else Metrics()
         self._runner = runner
         self._on_busy = on_busy
-        self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._finals: deque[_Job] = deque()
+        self._interims: deque[_Job] = deque()
+        self._ready = threading.Condition()
         self._closed = False
         self._threads = [threading.Thread(target=self._work, name=f"whisper-stream-inference-{i}", daemon=True)
                          for i in range(workers)]
@@ -86,11 +84,12 @@ class Scheduler:
 
     @property
     def queued(self) -> int:
-        """Requests waiting for the worker (approximate)."""
-        return self._queue.qsize()
+        """Requests waiting for a worker (abandoned ones included until a worker skips them)."""
+        with self._ready:
+            return len(self._finals) + len(self._interims)
 
     async def submit(self, request: WindowRequest) -> WindowReply:
-        """Run ``request`` on the worker; returns its reply or raises its exception.
+        """Run ``request`` on a worker; returns its reply or raises its exception.
 
         Cancelling the caller abandons the request: it is skipped if it has not started, and its result is
         dropped if it has.
@@ -99,7 +98,9 @@ class Scheduler:
             raise RuntimeError("the scheduler is closed; create a new one to run more requests")
         loop = asyncio.get_running_loop()
         job = _Job(request, loop.create_future(), loop)
-        self._queue.put(job)
+        with self._ready:
+            (self._finals if request.final else self._interims).append(job)
+            self._ready.notify()
         try:
             return await job.future
         finally:
@@ -107,48 +108,56 @@ class Scheduler:
 
     def close(self, timeout: float | None = None) -> None:
         """Stop the workers after the batches they are running; requests still queued fail with RuntimeError."""
-        if self._closed:
-            return
-        self._closed = True
-        for _ in self._threads:
-            self._queue.put(None)
+        with self._ready:
+            if self._closed:
+                return
+            self._closed = True
+            self._ready.notify_all()
         deadline = None if timeout is None else time.monotonic() + timeout
         for thread in self._threads:
             thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
-        while True:
-            try:
-                job = self._queue.get_nowait()
-            except queue.Empty:
-                break
-            if job is not None:
-                job.deliver(RuntimeError(CLOSED_BEFORE_RUN))
+        with self._ready:
+            left = [*self._finals, *self._interims]
+            self._finals.clear()
+            self._interims.clear()
+        for job in left:
+            job.deliver(RuntimeError(CLOSED_BEFORE_RUN))
 
     # --- worker thread -------------------------------------------------------------------------------
 
     def _work(self) -> None:
-        while not self._closed:
-            job = self._queue.get()
-            if job is None:
-                break
-            batch = [job] if not job.abandoned else []
-            deadline = time.monotonic() + self.max_wait
-            while len(batch) < self.max_batch:
-                try:
-                    job = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
-                except queue.Empty:
-                    break
-                if job is None:
-                    break
-                if not job.abandoned:
-                    batch.append(job)
-            if self._closed:
-                for job in batch:
-                    job.deliver(RuntimeError(CLOSED_BEFORE_RUN))
-            elif batch:
+        while (batch := self._take()) is not None:
+            if batch:
                 self._run(batch)
 
+    def _take(self) -> list[_Job] | None:
+        """The next batch: a final decode alone, else interim decodes gathered for up to ``max_wait``; None
+        once closed (what was taken then goes back to the queue, to fail in :meth:`close`)."""
+        with self._ready:
+            while not self._closed and not self._finals and not self._interims:
+                self._ready.wait()
+            if self._closed:
+                return None
+            if self._finals:
+                job = self._finals.popleft()
+                return [] if job.abandoned else [job]
+            batch: list[_Job] = []
+            deadline = time.monotonic() + self.max_wait
+            while len(batch) < self.max_batch:
+                while self._interims and len(batch) < self.max_batch:
+                    job = self._interims.popleft()
+                    if not job.abandoned:
+                        batch.append(job)
+                remaining = deadline - time.monotonic()
+                if len(batch) == self.max_batch or self._finals or remaining <= 0:
+                    break
+                self._ready.wait(remaining)
+                if self._closed:
+                    self._interims.extendleft(reversed(batch))
+                    return None
+            return batch
+
     def _run(self, batch: list[_Job]) -> None:
-        batch.sort(key=lambda job: _runs_alone(job.request))  # stable: greedy first, each group in order
         started = time.monotonic()
         delivered = failures = 0
         try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -198,12 +199,10 @@ async def test_close_fails_queued_requests_and_refuses_new_ones() -> None:
     scheduler.close()  # idempotent
 
 
-async def test_each_reply_is_delivered_when_the_runner_yields_it_and_beam_searches_run_last() -> None:
+async def test_each_reply_is_delivered_when_the_runner_yields_it() -> None:
     gate = threading.Event()
-    order: list[list[float]] = []
 
     def runner(engine: object, requests: list[WindowRequest]):
-        order.append([float(r.audio[0]) for r in requests])
         yield WindowReply(language="first")
         assert gate.wait(5)  # the first reply reaches its stream before the second is computed
         for r in requests[1:]:
@@ -211,15 +210,31 @@ async def test_each_reply_is_delivered_when_the_runner_yields_it_and_beam_search
 
     scheduler = Scheduler(object(), max_wait_ms=200, runner=runner)
     try:
-        beam = asyncio.create_task(scheduler.submit(WindowRequest(np.full(160, 1.0, np.float32), beam_size=5)))
-        greedy = asyncio.create_task(scheduler.submit(request(2.0)))
-        assert (await asyncio.wait_for(greedy, 5)).language == "first"
-        assert not beam.done()
+        first = asyncio.create_task(scheduler.submit(request(2.0)))
+        second = asyncio.create_task(scheduler.submit(request(1.0)))
+        assert (await asyncio.wait_for(first, 5)).language == "first"
+        assert not second.done()
         gate.set()
-        assert (await asyncio.wait_for(beam, 5)).language == "1.0"
-        assert order == [[2.0, 1.0]]
+        assert (await asyncio.wait_for(second, 5)).language == "1.0"
     finally:
         gate.set()
+        scheduler.close()
+
+
+async def test_final_decodes_go_first_and_alone() -> None:
+    runner = FakeRunner(hold_first=True)
+    scheduler = Scheduler(object(), max_batch=8, max_wait_ms=0, runner=runner)
+    try:
+        first = asyncio.create_task(scheduler.submit(request(0)))
+        await wait_started(runner)
+        interims = [asyncio.create_task(scheduler.submit(request(t))) for t in (1, 2)]
+        await asyncio.sleep(0.02)
+        finals = [asyncio.create_task(scheduler.submit(replace(request(t), final=True))) for t in (3, 4)]
+        await asyncio.sleep(0.02)
+        runner.release.set()
+        await asyncio.gather(first, *interims, *finals)
+        assert runner.batches == [[0.0], [3.0], [4.0], [1.0, 2.0]]
+    finally:
         scheduler.close()
 
 
