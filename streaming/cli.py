@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
@@ -87,7 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="refuse new streams (overloaded) when the measured inference load with one more would "
                         "exceed this share of the workers' time (default: 0.8; 0: off)")
     s.add_argument("--drain-seconds", type=float, default=10.0, help="on SIGTERM, time to finish open streams")
-    s.add_argument("--workers", type=int, default=1, help="inference worker threads (default: 1)")
+    s.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
+                   help="inference worker threads (default: 2, or 1 on a single CPU)")
     s.add_argument("--threads", type=int, default=None,
                    help="torch threads per worker (default: CPU count / workers, at most 4)")
     s.add_argument("--max-batch", type=int, default=8, help="window decodes per batched pass (default: 8)")
