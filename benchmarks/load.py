@@ -14,6 +14,7 @@ one batched call against one call per request, in the same process.
 Usage: python benchmarks/load.py [--streams 1 2 4 8 16] [--max-batch 8 1] [--seconds 60] [--workers 2]
                                  [--threads N] [--max-utilization 0.8]
        python benchmarks/load.py --windows 8 [--repeats 5]
+       python benchmarks/load.py --offline --streams 4 8 16 --seconds 30   (offline WER of the same audio)
 """
 
 from __future__ import annotations
@@ -222,6 +223,22 @@ def time_windows(engine: Engine, n: int, repeats: int) -> None:
           f"speedup {one / batched:.2f}x")
 
 
+def offline_wers(model: str, counts: list[int], seconds: float) -> None:
+    """Our offline WER (beam 5) on the very excerpts that N streams send: the streaming bound's reference."""
+    from streaming.transcribe import TranscribeOptions, transcribe
+
+    engine, score = Engine.load(model), scorer()
+    for n in counts:
+        errors = words = 0
+        for i in range(n):
+            audio, reference = excerpt(STREAMS[i % len(STREAMS)], i // len(STREAMS), seconds)
+            text = transcribe(engine, audio, TranscribeOptions(language="en")).text
+            result = score.score(reference, [{"t": 0.0, "type": "final", "text": text}])
+            errors, words = errors + result["errors"], words + result["words"]
+        print(f"{n:>7} streams: offline WER of the same excerpts {100 * errors / max(words, 1):.2f} % "
+              f"({words} words)", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--streams", type=int, nargs="+", default=[1, 2, 4, 8, 16])
@@ -237,7 +254,13 @@ def main() -> None:
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "out" / "load"))
     parser.add_argument("--windows", type=int, default=0, help="time run_windows on this many requests instead")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--offline", action="store_true",
+                        help="print our offline WER on the same excerpts instead (the streaming bound)")
     args = parser.parse_args()
+    if args.offline:
+        configure_threads(args.threads)
+        offline_wers(args.model, args.streams, args.seconds)
+        return
     if args.windows:
         configure_threads(args.threads)
         time_windows(Engine.load(args.model), args.windows, args.repeats)
