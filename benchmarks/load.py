@@ -12,7 +12,7 @@ inference batch size (from /metrics).
 one batched call against one call per request, in the same process.
 
 Usage: python benchmarks/load.py [--streams 1 2 4 8 16] [--max-batch 8 1] [--seconds 60] [--workers 2]
-                                 [--threads N] [--max-utilization 0.8]
+                                 [--threads N] [--dtype bfloat16] [--max-utilization 0.8]
        python benchmarks/load.py --windows 8 [--repeats 5]
        python benchmarks/load.py --offline --streams 4 8 16 --seconds 30   (offline WER of the same audio)
 """
@@ -91,10 +91,11 @@ class ServerProcess:
     """``whisper-stream serve`` on a free port in a child process; its log goes to ``log``."""
 
     def __init__(self, model: str, threads: int | None, workers: int | None, max_batch: int, max_utilization: float,
-                 log: Path):
+                 dtype: str | None, log: Path):
         command = [sys.executable, "-m", "streaming.cli", "serve", "--port", "0", "--model", model,
                    "--max-streams", "64", "--max-batch", str(max_batch), "--max-utilization", str(max_utilization)]
         command += ["--workers", str(workers)] if workers else []
+        command += ["--dtype", dtype] if dtype else []
         command += ["--threads", str(threads)] if threads else []
         log.parent.mkdir(parents=True, exist_ok=True)
         self.log = log
@@ -249,6 +250,7 @@ def main() -> None:
                         help="torch threads per server worker (default: the server's own default)")
     parser.add_argument("--workers", type=int, default=None,
                         help="the server's inference worker threads (default: the server's own default)")
+    parser.add_argument("--dtype", default=None, help="the server's --dtype (default: its own default, float32)")
     parser.add_argument("--max-utilization", type=float, default=0.0,
                         help="the server's admission limit (default 0: off, every stream is admitted)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "out" / "load"))
@@ -266,11 +268,12 @@ def main() -> None:
         time_windows(Engine.load(args.model), args.windows, args.repeats)
         return
     print(f"# load, {args.model}, {args.seconds:g} s per stream, server workers {args.workers or 'default'}, threads "
-          f"{args.threads or 'default'}, max utilization {args.max_utilization or 'off'}, {machine()}")
+          f"{args.threads or 'default'}, dtype {args.dtype or 'default'}, "
+          f"max utilization {args.max_utilization or 'off'}, {machine()}")
     print(f"{'streams':>7} {'admitted':>8} {'batch':>5} {'WER %':>6} {'p50 s':>6} {'p90 s':>6} {'cpu s/audio s':>13} "
           f"{'mean batch':>10} {'decodes':>7} {'wall s':>6}")
     for max_batch in args.max_batch:
-        server = ServerProcess(args.model, args.threads, args.workers, max_batch, args.max_utilization,
+        server = ServerProcess(args.model, args.threads, args.workers, max_batch, args.max_utilization, args.dtype,
                                Path(args.out) / f"server-batch{max_batch}.log")
         try:
             for n in args.streams:
