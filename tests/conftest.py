@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
+import contextlib
 import os
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 import torch
@@ -54,3 +61,33 @@ def shared_eval() -> Path:
             pytest.fail(f"CI must provide the evaluation data at {path} (a ../shared checkout)")
         pytest.skip(f"evaluation data not found at {path} (needs a ../shared checkout)")
     return path
+
+
+T = TypeVar("T")
+
+
+@contextlib.contextmanager
+def serve_in_thread(factory: Callable[[], AbstractAsyncContextManager[T]]) -> Iterator[T]:
+    """Run an async server (what ``factory()`` enters) on its own event loop in a thread."""
+    loop = asyncio.new_event_loop()
+    entered: concurrent.futures.Future = concurrent.futures.Future()
+    stop = asyncio.Event()
+
+    async def main() -> None:
+        try:
+            async with factory() as value:
+                entered.set_result(value)
+                await stop.wait()
+        except BaseException as exc:
+            if not entered.done():
+                entered.set_exception(exc)
+            raise
+
+    thread = threading.Thread(target=loop.run_until_complete, args=(main(),), daemon=True)
+    thread.start()
+    try:
+        yield entered.result(timeout=60)
+    finally:
+        loop.call_soon_threadsafe(stop.set)
+        thread.join(60)
+        loop.close()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextlib
 import json
 import os
@@ -12,19 +11,18 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 import types
 import wave
 from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import numpy as np
 import pytest
+from conftest import serve_in_thread
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.http11 import Request, Response
 
@@ -35,7 +33,6 @@ from streaming.engine import Engine
 from streaming.server import Server, ServerConfig
 
 REPO = Path(__file__).resolve().parent.parent
-T = TypeVar("T")
 
 
 # --- a scripted protocol server -------------------------------------------------------------------------
@@ -152,31 +149,6 @@ class FakeServer:
         return None
 
 
-@contextlib.contextmanager
-def serve_in_thread(factory: Callable[[], AbstractAsyncContextManager[T]]) -> Iterator[T]:
-    """Run an async server (what ``factory()`` enters) on its own event loop in a thread."""
-    loop = asyncio.new_event_loop()
-    entered: concurrent.futures.Future = concurrent.futures.Future()
-    stop = asyncio.Event()
-
-    async def main() -> None:
-        try:
-            async with factory() as value:
-                entered.set_result(value)
-                await stop.wait()
-        except BaseException as exc:
-            if not entered.done():
-                entered.set_exception(exc)
-            raise
-
-    thread = threading.Thread(target=loop.run_until_complete, args=(main(),), daemon=True)
-    thread.start()
-    try:
-        yield entered.result(timeout=60)
-    finally:
-        loop.call_soon_threadsafe(stop.set)
-        thread.join(60)
-        loop.close()
 
 
 @contextlib.contextmanager

@@ -17,13 +17,11 @@ with about 1,700 frames, each followed by a health stream; a flood of 5,000 bina
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextlib
 import importlib.resources
 import json
 import logging
 import re
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -37,6 +35,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from conftest import serve_in_thread
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from websockets.asyncio.client import ClientConnection, connect
@@ -634,31 +633,9 @@ def tiny_engine(tiny_model: Whisper) -> Iterator[Engine]:
     torch.set_num_threads(threads)
 
 
-@contextlib.contextmanager
-def running(engine: Engine) -> Iterator[Server]:
+def running(engine: Engine) -> contextlib.AbstractContextManager[Server]:
     """The real server on a free loopback port, its event loop in a thread of its own."""
-    loop = asyncio.new_event_loop()
-    entered: concurrent.futures.Future[Server] = concurrent.futures.Future()
-    stop = asyncio.Event()
-
-    async def main() -> None:
-        try:
-            async with Server(engine, ServerConfig(port=0, max_message_bytes=LIMIT, max_streams=4)) as s:
-                entered.set_result(s)
-                await stop.wait()
-        except BaseException as exc:
-            if not entered.done():
-                entered.set_exception(exc)
-            raise
-
-    thread = threading.Thread(target=loop.run_until_complete, args=(main(),), daemon=True)
-    thread.start()
-    try:
-        yield entered.result(timeout=60)
-    finally:
-        loop.call_soon_threadsafe(stop.set)
-        thread.join(60)
-        loop.close()
+    return serve_in_thread(lambda: Server(engine, ServerConfig(port=0, max_message_bytes=LIMIT, max_streams=4)))
 
 
 class Complaints(logging.Handler):
