@@ -13,8 +13,6 @@ import pytest
 from streaming import audio
 from streaming.audio import SAMPLE_RATE, AudioFormatError, PcmDecoder, read_audio, resample
 
-REAL_WAV = Path("/work/shared/eval/streams/en_mixed.wav")
-
 
 def write_wav(path: Path, frames: bytes, rate: int, channels: int, width: int) -> Path:
     with wave.open(str(path), "wb") as w:
@@ -169,13 +167,10 @@ def test_non_wav_decoded_with_ffmpeg(tmp_path, monkeypatch):
     assert " ".join(args[-7:]) == "-f s16le -ac 1 -ar 22050 -"
 
 
-def test_real_wav():
-    if not REAL_WAV.parent.is_dir():
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"{REAL_WAV.parent} is missing in CI")
-        pytest.skip(f"{REAL_WAV.parent} not present (shared eval data not mounted)")
-    out = read_audio(REAL_WAV)
-    with wave.open(str(REAL_WAV)) as w:
+def test_real_wav(shared_eval: Path):
+    real_wav = shared_eval / "streams" / "en_mixed.wav"
+    out = read_audio(real_wav)
+    with wave.open(str(real_wav)) as w:
         assert (w.getframerate(), w.getnchannels(), w.getsampwidth()) == (16000, 1, 2)
         expected = np.frombuffer(w.readframes(w.getnframes()), dtype="<i2") / 32768.0
     assert out.dtype == np.float32 and out.shape == expected.shape
