@@ -113,6 +113,39 @@ def _stack_masks(masks: list[Tensor | None], lengths: list[int], rows: list[int]
     return torch.cat([F.pad(m, (0, length - m.shape[1]), value=False) for m in full])
 
 
+def _row_bucket(rows: int) -> int:
+    """``rows`` rounded up to one of four sizes per octave (exact up to 16): at most 25 % padding."""
+    if rows <= 16:
+        return rows
+    step = 1 << (rows.bit_length() - 3)
+    return -(-rows // step) * step
+
+
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """``F.linear``; on CPU in half precision the rows are padded to a bucket size first.
+
+    oneDNN, which runs those products, builds and caches a kernel (with its scratch memory) for every
+    distinct shape: streaming windows of every length made memory grow by hundreds of MB. Bucketed
+    shapes keep that cache small at the cost of a little padding.
+    """
+    if x.device.type != "cpu" or x.dtype == torch.float32:
+        return F.linear(x, weight, bias)
+    flat = x.reshape(-1, x.shape[-1])
+    rows = flat.shape[0]
+    if _row_bucket(rows) == rows:
+        return F.linear(x, weight, bias)
+    padded = F.pad(flat, (0, 0, 0, _row_bucket(rows) - rows))
+    return F.linear(padded, weight, bias)[:rows].reshape(*x.shape[:-1], weight.shape[0])
+
+
+class BucketedLinear(nn.Linear):
+    """A linear layer for inputs of many row counts (the decoder's token sequences); see :func:`linear`.
+    The encoder needs none: its callers bucket the audio context to whole seconds."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return linear(x, self.weight, self.bias)
+
+
 class LayerNorm(nn.LayerNorm):
     """Normalises in float32 whatever the model's dtype (half precision loses too much here)."""
 
@@ -122,13 +155,13 @@ class LayerNorm(nn.LayerNorm):
 
 
 class MultiHeadAttention(nn.Module):
-    def __init__(self, n_state: int, n_head: int):
+    def __init__(self, n_state: int, n_head: int, linear_layer: type[nn.Linear] = nn.Linear):
         super().__init__()
         self.n_head = n_head
-        self.query = nn.Linear(n_state, n_state)
-        self.key = nn.Linear(n_state, n_state, bias=False)
-        self.value = nn.Linear(n_state, n_state)
-        self.out = nn.Linear(n_state, n_state)
+        self.query = linear_layer(n_state, n_state)
+        self.key = linear_layer(n_state, n_state, bias=False)
+        self.value = linear_layer(n_state, n_state)
+        self.out = linear_layer(n_state, n_state)
 
     def heads(self, x: Tensor) -> Tensor:
         b, t, _ = x.shape
@@ -151,12 +184,12 @@ class MultiHeadAttention(nn.Module):
         if causal_offset is not None and t_q > 1:
             causal = torch.ones(t_q, t_k, dtype=torch.bool, device=x.device).tril(causal_offset)
             mask = causal if mask is None else mask & causal
-        if want_weights:
-            scores = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
+        if want_weights:  # in float32: few rows, and no per-shape oneDNN kernels in half precision
+            scores = (q.float() @ k.float().transpose(-1, -2)) / math.sqrt(q.shape[-1])
             if mask is not None:
                 scores = scores.masked_fill(~mask, float("-inf"))
-            weights = scores.float().softmax(dim=-1).to(q.dtype)
-            out = weights @ v
+            weights = scores.softmax(dim=-1)
+            out = (weights @ v.float()).to(q.dtype)
         else:
             weights = None
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
@@ -181,11 +214,11 @@ class EncoderBlock(nn.Module):
 class DecoderBlock(nn.Module):
     def __init__(self, n_state: int, n_head: int):
         super().__init__()
-        self.attn = MultiHeadAttention(n_state, n_head)
+        self.attn = MultiHeadAttention(n_state, n_head, BucketedLinear)
         self.attn_ln = LayerNorm(n_state)
-        self.cross_attn = MultiHeadAttention(n_state, n_head)
+        self.cross_attn = MultiHeadAttention(n_state, n_head, BucketedLinear)
         self.cross_attn_ln = LayerNorm(n_state)
-        self.mlp = nn.Sequential(nn.Linear(n_state, 4 * n_state), nn.GELU(), nn.Linear(4 * n_state, n_state))
+        self.mlp = nn.Sequential(BucketedLinear(n_state, 4 * n_state), nn.GELU(), BucketedLinear(4 * n_state, n_state))
         self.mlp_ln = LayerNorm(n_state)
 
 
@@ -265,7 +298,7 @@ class TextDecoder(nn.Module):
                 weights.append(w[:, wanted[i]])
             x = x + block.mlp(block.mlp_ln(x))
         x = self.ln(x if logits_at is None else x[:, logits_at])
-        logits = (x @ self.token_embedding.weight.to(x.dtype).T).float()
+        logits = linear(x, self.token_embedding.weight.to(x.dtype)).float()
         aligned = torch.cat(weights, dim=1) if weights else None
         return logits, KVCache(new_self, cache.cross_kv, cache.audio_mask, self_mask), aligned
 

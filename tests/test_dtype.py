@@ -8,9 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from streaming.engine import Engine, fast_cpu_dtype
 from streaming.inference import WindowRequest, run_window
+from streaming.model import _row_bucket, linear
 from streaming.weights import ModelLoadError
 
 
@@ -42,3 +44,17 @@ def test_unknown_dtype_and_missing_cuda_are_clear_errors() -> None:
             Engine.load("tiny.en", device="cuda")
     with pytest.raises(ModelLoadError, match="device 'tpu9' is not valid"):
         Engine.load("tiny.en", device="tpu9")
+
+
+def test_half_precision_linear_pads_rows_to_few_buckets_and_keeps_results() -> None:
+    """oneDNN caches a kernel per shape: the decoder's many token counts must map to few row counts."""
+    buckets = {_row_bucket(rows) for rows in range(1, 12001)}
+    assert len(buckets) < 70
+    assert all(rows <= _row_bucket(rows) <= rows * 1.25 for rows in range(1, 12001))
+    torch.manual_seed(0)
+    weight, bias = torch.randn(96, 64).bfloat16(), torch.randn(96).bfloat16()
+    for shape in ((1, 1, 64), (3, 37, 64), (2, 301, 64)):
+        x = torch.randn(shape).bfloat16()
+        out = linear(x, weight, bias)
+        assert out.shape == (*shape[:-1], 96)
+        torch.testing.assert_close(out.float(), F.linear(x.float(), weight.float(), bias.float()), atol=0.1, rtol=0.02)
