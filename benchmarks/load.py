@@ -250,7 +250,7 @@ def main() -> None:
                         help="torch threads per server worker (default: the server's own default)")
     parser.add_argument("--workers", type=int, default=None,
                         help="the server's inference worker threads (default: the server's own default)")
-    parser.add_argument("--dtype", default=None, help="the server's --dtype (default: its own default, float32)")
+    parser.add_argument("--dtype", default=None, help="the server's --dtype (default: its own default, auto)")
     parser.add_argument("--max-utilization", type=float, default=0.0,
                         help="the server's admission limit (default 0: off, every stream is admitted)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "out" / "load"))

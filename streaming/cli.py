@@ -96,9 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-wait-ms", type=float, default=5.0,
                    help="wait this long for more requests to batch (default: 5)")
     s.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    s.add_argument("--dtype", default=None, choices=("auto", "float32", "bfloat16", "float16"),
-                   help="weights and activations (default: float32 on CPU, float16 on CUDA; auto: bfloat16 where "
-                        "the CPU has AMX or AVX-512 BF16, about 40%% less CPU, but see docs/deploy.md on memory)")
+    s.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
+                   help="weights and activations (default auto: float16 on CUDA; on CPU bfloat16 where the CPU has "
+                        "AMX or AVX-512 BF16, about 40%% less CPU per stream, else float32)")
     s.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     s.set_defaults(run=_serve)
     return parser
