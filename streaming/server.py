@@ -17,7 +17,9 @@ import logging
 import os
 import signal
 import sys
+import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -100,6 +102,28 @@ class ServerConfig:
             raise ValueError("token is empty; pass a non-empty token or none to disable authentication")
 
 
+class RefusalLog:
+    """Logs refused streams without flooding: the first refusal of each code at once, later ones at most
+    every ``interval`` seconds, each report counting those it held back. Behind a load balancer that
+    retries, sustained overload would otherwise log a line per retry."""
+
+    def __init__(self, interval: float = 10.0, clock: Callable[[], float] = time.monotonic):
+        self.interval = interval
+        self._clock = clock
+        self._last: dict[str, float] = {}
+        self._held: dict[str, int] = {}
+
+    def refused(self, code: str, detail: str) -> None:
+        now = self._clock()
+        if code in self._last and now - self._last[code] < self.interval:
+            self._held[code] = self._held.get(code, 0) + 1
+            return
+        held = self._held.pop(code, 0)
+        more = f" ({held} more refused since the last report)" if held else ""
+        self._last[code] = now
+        log.warning("refused a stream (%s): %s%s", code, detail, more)
+
+
 class Server:
     """The streaming server on one engine: ``async with Server(engine, config) as server: server.port``."""
 
@@ -110,6 +134,7 @@ class Server:
         self.info = EngineInfo(engine.name, engine.multilingual)
         self.draining = False
         self.admission = Admission(config.workers, config.max_utilization or 1.0, enabled=config.max_utilization > 0)
+        self.refusals = RefusalLog()
         self._connections: dict[asyncio.Task, _Connection] = {}
         self._scheduler: Scheduler | None = None
         self._server = None
@@ -237,12 +262,15 @@ class Server:
         """HTTP 503 before the upgrade, so that a load balancer can send the stream to another instance."""
         self.metrics.count_error(code)
         if code != "draining":
-            log.warning("refused a stream (%s): %d open, predicted load with one more %s", code,
-                        self.active_streams, _percent(self.admission.utilization(self.active_streams + 1)))
+            self.refusals.refused(code, self._load_detail(self.active_streams))
         response = _respond(connection, http.HTTPStatus.SERVICE_UNAVAILABLE, json.dumps(error_message(code, message)),
                             "application/json")
         response.headers["Retry-After"] = "1"
         return response
+
+    def _load_detail(self, open_streams: int) -> str:
+        predicted = _percent(self.admission.utilization(open_streams + 1))
+        return f"{open_streams} open, predicted load with one more {predicted}"
 
     def _authorized(self, request: Request, query: dict[str, list[str]]) -> bool:
         if self.config.token is None:
@@ -266,14 +294,13 @@ class Server:
         # The handshake checks capacity (HTTP 503); these catch handshakes that passed it at the same time.
         if len(self._connections) >= self.config.max_streams:
             self.metrics.count_error("capacity")
-            log.warning("refused a stream from %s: all %d streams busy", _peer(ws), self.config.max_streams)
+            self.refusals.refused("capacity", f"from {_peer(ws)}: all {self.config.max_streams} streams busy")
             await _send_all(ws, refusal("capacity", f"the server is at its limit of {self.config.max_streams} "
                                                     "streams; retry later", TRY_AGAIN_LATER))
             return
         if not self.admission.admits(len(self._connections)):
             self.metrics.count_error("overloaded")
-            log.warning("refused a stream from %s (overloaded): %d open, predicted load with one more %s", _peer(ws),
-                        len(self._connections), _percent(self.admission.utilization(len(self._connections) + 1)))
+            self.refusals.refused("overloaded", f"from {_peer(ws)}: {self._load_detail(len(self._connections))}")
             await _send_all(ws, refusal("overloaded", "the server's inference capacity is in use; retry later or "
                                                       "on another instance", TRY_AGAIN_LATER))
             return

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 
 import pytest
 
 from streaming.admission import Admission
 from streaming.protocol import Close, Send
-from streaming.server import LAG_MESSAGES, MAX_OUTBOX, _Outbox
+from streaming.server import LAG_MESSAGES, MAX_OUTBOX, RefusalLog, _Outbox
 
 
 class Clock:
@@ -62,6 +63,23 @@ def test_disabled_admission_admits_everything() -> None:
     admission = Admission(workers=1, target=0.5, clock=clock, enabled=False)
     run_streams(admission, clock, 4, 10, 0.5)
     assert admission.utilization(5) == pytest.approx(2.5) and admission.admits(40)
+
+
+def test_refusals_are_logged_once_per_interval_per_code_with_a_count(caplog: pytest.LogCaptureFixture) -> None:
+    clock = Clock()
+    refusals = RefusalLog(interval=10.0, clock=clock)
+    with caplog.at_level(logging.WARNING, logger="streaming.server"):
+        for _ in range(50):  # a load balancer retrying for 5 s
+            refusals.refused("overloaded", "8 open")
+            clock.now += 0.1
+        refusals.refused("capacity", "all 8 streams busy")
+        clock.now += 6
+        refusals.refused("overloaded", "7 open")
+    assert [r.getMessage() for r in caplog.records] == [
+        "refused a stream (overloaded): 8 open",
+        "refused a stream (capacity): all 8 streams busy",
+        "refused a stream (overloaded): 7 open (49 more refused since the last report)",
+    ]
 
 
 def test_invalid_target() -> None:
