@@ -95,6 +95,8 @@ def main() -> None:
     parser.add_argument("--final-beam-size", type=int, default=StreamOptions.final_beam_size)
     parser.add_argument("--endpoint-ms", type=int, default=VadConfig.endpoint_ms)
     parser.add_argument("--hangover-ms", type=int, default=VadConfig.hangover_ms)
+    parser.add_argument("--short-utterance-ms", type=int, default=VadConfig.short_utterance_ms,
+                        help="utterances shorter than this need twice the endpoint pause (0: off)")
     parser.add_argument("--beam-size", type=int, default=StreamOptions.beam_size)
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "out"))
     parser.add_argument("--debug-log", default=None, help="write the recogniser's debug log here")
@@ -108,7 +110,8 @@ def main() -> None:
                             beam_size=args.beam_size, context=args.context,
                             final_context=args.final_context, silence=args.silence,
                             final_beam_size=args.final_beam_size,
-                            vad=VadConfig(endpoint_ms=args.endpoint_ms, hangover_ms=args.hangover_ms))
+                            vad=VadConfig(endpoint_ms=args.endpoint_ms, hangover_ms=args.hangover_ms,
+                                          short_utterance_ms=args.short_utterance_ms))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     score = scorer().score

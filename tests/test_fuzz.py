@@ -272,7 +272,8 @@ START_VALUES: dict[str, tuple[list, list]] = {
 VAD_VALUES: dict[str, tuple[list, list]] = {
     "aggressiveness": ([0, 3], [4, -1]), "frame_ms": ([10, 20, 30], [25]),
     "pre_speech_pad_ms": ([0, 5000], [5001]), "hangover_ms": ([0, 300], [5001]),
-    "endpoint_ms": ([300, 400, 60000], [0, 60001]), "min_speech_ms": ([0, 2000], [2001]),
+    "endpoint_ms": ([300, 400, 60000], [0, 60001]),
+    "short_utterance_ms": ([0, 1000, 10000], [-1, 10001]), "min_speech_ms": ([0, 2000], [2001]),
     "energy_floor_dbfs": ([-120, -55.5, 0], [1, -121, 10**400, -(10**400)]),
 }
 assert set(VAD_VALUES) == set(VadConfig.__dataclass_fields__)
