@@ -240,8 +240,8 @@ def test_en_mixed_regions_match_reference_clips() -> None:
     assert all(any(overlap(c, s) for s in spans) for c in clips)
     assert all(any(overlap(s, c) for c in clips) for s in spans)
     # Measured with defaults: 16 utterances for 9 clips (the 300 ms endpoint splits JFK and Beckett at
-    # their pauses; 19 without the longer pause for short utterances, 13 with a 400 ms endpoint), 93% of the reference clip time covered (the rest is pauses
-    # inside clips).
+    # their pauses; 19 without the longer pause for short utterances, 13 with a 400 ms endpoint), 93% of
+    # the reference clip time covered (the rest is pauses inside clips).
     assert len(clips) <= len(spans) <= 2.5 * len(clips)
     covered = sum(overlap(c, s) for c in clips for s in spans)
     assert covered >= 0.9 * sum(end - start for start, end in clips)
