@@ -48,7 +48,11 @@ class Engine:
 
     @classmethod
     def load(cls, name_or_path: str = "tiny.en", device: str | None = None, dtype: str | None = None) -> Engine:
-        """``dtype``: float32, bfloat16 or float16 (default: float32 on CPU, float16 on CUDA)."""
+        """``dtype``: float32, bfloat16 or float16 (default: float32 on CPU, float16 on CUDA); ``auto`` is
+        the default on CUDA and :func:`fast_cpu_dtype` on CPU."""
+        if dtype == "auto":
+            on_cuda = device.startswith("cuda") if device else torch.cuda.is_available()
+            dtype = None if on_cuda else fast_cpu_dtype()
         if dtype is not None and dtype not in DTYPES:
             raise ValueError(f"dtype {dtype!r} is not supported; use one of {', '.join(DTYPES)}")
         loaded = load_model(name_or_path, device=device, dtype=DTYPES[dtype] if dtype else None)

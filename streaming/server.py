@@ -540,7 +540,7 @@ def limit_malloc_arenas(arenas: int = 2) -> bool:
 
 def serve_command(args: argparse.Namespace) -> int:
     """``whisper-stream serve``: load the model once and run the server until a signal."""
-    from .engine import Engine, configure_threads, fast_cpu_dtype
+    from .engine import Engine, configure_threads
     from .weights import ModelLoadError
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -559,10 +559,7 @@ def serve_command(args: argparse.Namespace) -> int:
     limit_malloc_arenas()
     configure_threads(args.threads or max(1, min(os.cpu_count() or 1, 4) // config.workers))
     try:
-        dtype = args.dtype
-        if dtype == "auto":
-            dtype = None if args.device == "cuda" else fast_cpu_dtype()
-        engine = Engine.load(args.model, device=args.device, dtype=dtype)
+        engine = Engine.load(args.model, device=args.device, dtype=args.dtype)
     except ModelLoadError as exc:
         print(f"whisper-stream: {exc}", file=sys.stderr)
         return 2

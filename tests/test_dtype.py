@@ -36,6 +36,13 @@ def test_fast_cpu_dtype_follows_the_cpu_flags() -> None:
     assert fast_cpu_dtype() == ("bfloat16" if native else "float32")
 
 
+def test_auto_dtype_is_the_fast_cpu_dtype_on_cpu() -> None:
+    expected = torch.bfloat16 if fast_cpu_dtype() == "bfloat16" else torch.float32
+    assert Engine.load("tiny.en", device="cpu", dtype="auto").model.dtype == expected
+    if not torch.cuda.is_available():
+        assert Engine.load("tiny.en", dtype="auto").model.dtype == expected
+
+
 def test_unknown_dtype_and_missing_cuda_are_clear_errors() -> None:
     with pytest.raises(ValueError, match="dtype 'int4' is not supported; use one of float32, bfloat16, float16"):
         Engine.load("tiny.en", dtype="int4")
