@@ -128,13 +128,11 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     distinct shape: streaming windows of every length made memory grow by hundreds of MB. Bucketed
     shapes keep that cache small at the cost of a little padding.
     """
-    if x.device.type != "cpu" or x.dtype == torch.float32:
+    rows = x.numel() // x.shape[-1]
+    padding = _row_bucket(rows) - rows
+    if x.device.type != "cpu" or x.dtype == torch.float32 or not padding:
         return F.linear(x, weight, bias)
-    flat = x.reshape(-1, x.shape[-1])
-    rows = flat.shape[0]
-    if _row_bucket(rows) == rows:
-        return F.linear(x, weight, bias)
-    padded = F.pad(flat, (0, 0, 0, _row_bucket(rows) - rows))
+    padded = F.pad(x.reshape(rows, -1), (0, 0, 0, padding))
     return F.linear(padded, weight, bias)[:rows].reshape(*x.shape[:-1], weight.shape[0])
 
 
