@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
+from collections.abc import AsyncIterator
 from dataclasses import replace
+from typing import Any
 
 import numpy as np
 import pytest
@@ -41,6 +44,19 @@ async def wait_started(runner: FakeRunner) -> None:
     assert await asyncio.to_thread(runner.started.wait, 5)
 
 
+@contextlib.asynccontextmanager
+async def busy_worker(runner: FakeRunner, **settings: Any) -> AsyncIterator[tuple[Scheduler, asyncio.Task]]:
+    """A scheduler whose worker is held running request 0 (``runner`` holds its first batch), so that the
+    requests submitted next wait together; yields the scheduler and request 0's task, closes it after."""
+    scheduler = Scheduler(object(), runner=runner, **settings)
+    try:
+        first = asyncio.create_task(scheduler.submit(request(0)))
+        await wait_started(runner)
+        yield scheduler, first
+    finally:
+        scheduler.close()
+
+
 async def test_submit_returns_the_reply() -> None:
     runner = FakeRunner()
     scheduler = Scheduler(object(), runner=runner)
@@ -53,10 +69,7 @@ async def test_submit_returns_the_reply() -> None:
 
 async def test_requests_that_wait_while_the_worker_is_busy_run_as_one_batch() -> None:
     runner = FakeRunner(hold_first=True)
-    scheduler = Scheduler(object(), max_batch=8, max_wait_ms=0, runner=runner)
-    try:
-        first = asyncio.create_task(scheduler.submit(request(0)))
-        await wait_started(runner)
+    async with busy_worker(runner, max_batch=8, max_wait_ms=0) as (scheduler, first):
         others = [asyncio.create_task(scheduler.submit(request(t))) for t in (1, 2, 3)]
         await asyncio.sleep(0.05)
         runner.release.set()
@@ -67,23 +80,16 @@ async def test_requests_that_wait_while_the_worker_is_busy_run_as_one_batch() ->
         assert histogram.count == 2 and histogram.sum == 4
         assert scheduler.metrics.requests == 4 and scheduler.metrics.busy_seconds >= 0.04
         assert scheduler.metrics.queue_delay.count == 4 and scheduler.metrics.queue_delay.sum >= 0.1
-    finally:
-        scheduler.close()
 
 
 async def test_max_batch_caps_the_batch_and_max_wait_gathers_stragglers() -> None:
     runner = FakeRunner(hold_first=True)
-    scheduler = Scheduler(object(), max_batch=2, max_wait_ms=0, runner=runner)
-    try:
-        first = asyncio.create_task(scheduler.submit(request(0)))
-        await wait_started(runner)
+    async with busy_worker(runner, max_batch=2, max_wait_ms=0) as (scheduler, first):
         others = [asyncio.create_task(scheduler.submit(request(t))) for t in (1, 2, 3, 4, 5)]
         await asyncio.sleep(0.05)
         runner.release.set()
         await asyncio.gather(first, *others)
         assert runner.batches == [[0.0], [1.0, 2.0], [3.0, 4.0], [5.0]]
-    finally:
-        scheduler.close()
     runner = FakeRunner()
     scheduler = Scheduler(object(), max_batch=8, max_wait_ms=200, runner=runner)
     try:
@@ -99,10 +105,7 @@ async def test_max_batch_caps_the_batch_and_max_wait_gathers_stragglers() -> Non
 
 async def test_a_failing_request_fails_only_its_own_stream() -> None:
     runner = FakeRunner(hold_first=True, fail_tags=(2.0,))
-    scheduler = Scheduler(object(), max_wait_ms=0, runner=runner)
-    try:
-        first = asyncio.create_task(scheduler.submit(request(0)))
-        await wait_started(runner)
+    async with busy_worker(runner, max_wait_ms=0) as (scheduler, first):
         tasks = [asyncio.create_task(scheduler.submit(request(t))) for t in (1, 2, 3)]
         await asyncio.sleep(0.05)
         runner.release.set()
@@ -114,8 +117,6 @@ async def test_a_failing_request_fails_only_its_own_stream() -> None:
                 break
             await asyncio.sleep(0.01)
         assert scheduler.metrics.request_failures == 1
-    finally:
-        scheduler.close()
 
 
 async def test_a_runner_that_raises_fails_the_batch_but_not_the_worker() -> None:
@@ -138,10 +139,7 @@ async def test_a_runner_that_raises_fails_the_batch_but_not_the_worker() -> None
 
 async def test_a_cancelled_request_is_skipped_and_never_delivered() -> None:
     runner = FakeRunner(hold_first=True)
-    scheduler = Scheduler(object(), max_wait_ms=0, runner=runner)
-    try:
-        first = asyncio.create_task(scheduler.submit(request(0)))
-        await wait_started(runner)
+    async with busy_worker(runner, max_wait_ms=0) as (scheduler, first):
         gone = asyncio.create_task(scheduler.submit(request(1)))
         kept = asyncio.create_task(scheduler.submit(request(2)))
         await asyncio.sleep(0.02)
@@ -152,8 +150,6 @@ async def test_a_cancelled_request_is_skipped_and_never_delivered() -> None:
         assert (await kept).language == "2.0"
         assert runner.batches == [[0.0], [2.0]]
         assert gone.cancelled() and first.cancelled()
-    finally:
-        scheduler.close()
 
 
 async def test_the_event_loop_keeps_running_during_inference() -> None:
@@ -223,10 +219,7 @@ async def test_each_reply_is_delivered_when_the_runner_yields_it() -> None:
 
 async def test_final_decodes_go_first_and_alone() -> None:
     runner = FakeRunner(hold_first=True)
-    scheduler = Scheduler(object(), max_batch=8, max_wait_ms=0, runner=runner)
-    try:
-        first = asyncio.create_task(scheduler.submit(request(0)))
-        await wait_started(runner)
+    async with busy_worker(runner, max_batch=8, max_wait_ms=0) as (scheduler, first):
         interims = [asyncio.create_task(scheduler.submit(request(t))) for t in (1, 2)]
         await asyncio.sleep(0.02)
         finals = [asyncio.create_task(scheduler.submit(replace(request(t), final=True))) for t in (3, 4)]
@@ -234,8 +227,6 @@ async def test_final_decodes_go_first_and_alone() -> None:
         runner.release.set()
         await asyncio.gather(first, *interims, *finals)
         assert runner.batches == [[0.0], [3.0], [4.0], [1.0, 2.0]]
-    finally:
-        scheduler.close()
 
 
 async def test_a_runner_that_stops_early_fails_the_rest_of_its_batch() -> None:
