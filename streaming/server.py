@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import ctypes
 import hmac
 import http
 import json
@@ -523,21 +522,6 @@ async def run_server(engine: Any, config: ServerConfig, stop: asyncio.Event | No
     return 0
 
 
-M_ARENA_MAX = -8  # glibc mallopt parameter
-
-
-def limit_malloc_arenas(arenas: int = 2) -> bool:
-    """Cap glibc's malloc arenas (unless ``MALLOC_ARENA_MAX`` is set). By default glibc gives threads up to
-    8 arenas per core; the worker threads' varied tensor sizes then fragment them, and in a soak the
-    server's idle memory grew about twice as fast as with 2 arenas. False where libc is not glibc."""
-    if "MALLOC_ARENA_MAX" in os.environ:
-        return False
-    try:
-        return bool(ctypes.CDLL(None).mallopt(M_ARENA_MAX, arenas))
-    except (OSError, AttributeError):
-        return False
-
-
 def serve_command(args: argparse.Namespace) -> int:
     """``whisper-stream serve``: load the model once and run the server until a signal."""
     from .engine import Engine, configure_threads
@@ -556,7 +540,6 @@ def serve_command(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"whisper-stream: {exc}", file=sys.stderr)
         return 2
-    limit_malloc_arenas()
     configure_threads(args.threads or max(1, min(os.cpu_count() or 1, 4) // config.workers))
     try:
         engine = Engine.load(args.model, device=args.device, dtype=args.dtype)

@@ -7,7 +7,6 @@ import contextlib
 import json
 import logging
 import os
-import platform
 import re
 import signal
 import subprocess
@@ -24,7 +23,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from streaming.engine import Engine, configure_threads
-from streaming.server import Server, ServerConfig, limit_malloc_arenas
+from streaming.server import Server, ServerConfig
 
 pytestmark = pytest.mark.real_model
 
@@ -447,9 +446,3 @@ def test_sigterm_drains_a_subprocess_server_and_exits_0(clip: bytes) -> None:
     assert replies[-1]["type"] == "done" and replies[-1]["reason"] == "shutdown"
     assert "draining 1 open stream(s)" in log and "stopped" in log
 
-
-def test_malloc_arenas_are_capped_on_glibc_unless_the_environment_sets_them(monkeypatch: pytest.MonkeyPatch) -> None:
-    glibc = platform.libc_ver()[0] == "glibc"
-    assert limit_malloc_arenas() is glibc
-    monkeypatch.setenv("MALLOC_ARENA_MAX", "4")
-    assert limit_malloc_arenas() is False
