@@ -6,7 +6,11 @@ import os
 import shutil
 import sys
 from collections.abc import Callable
-from typing import Any, TextIO
+from typing import Any, TextIO, TypeVar
+
+from streaming.client import ClientError
+
+T = TypeVar("T")
 
 CLEAR_LINE = "\r\x1b[2K"
 DIM, RESET = "\x1b[2m", "\x1b[0m"
@@ -57,6 +61,25 @@ class Captions:
         self._partial = ""
         self._keep_line()
         self._redraw()
+
+    def run(self, prog: str, work: Callable[[], T], interrupted: str = "interrupted") -> tuple[int, T | None]:
+        """Run ``work`` with these captions on screen and close them however it ends.
+
+        Returns exit status 0 and its result; after a :class:`ClientError` (status 1) or Ctrl-C (status 130),
+        the status and None, with the reason printed on stderr as ``prog: ...``.
+        """
+        try:
+            result = work()
+        except ClientError as exc:
+            status, reason = 1, str(exc)
+        except KeyboardInterrupt:
+            status, reason = 130, interrupted
+        else:
+            self.close()
+            return 0, result
+        self.close()
+        print(f"{prog}: {reason}", file=sys.stderr)
+        return status, None
 
     def _terminal_width(self) -> int:
         try:

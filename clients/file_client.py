@@ -12,7 +12,7 @@ import os
 import sys
 
 from streaming.audio import AudioFormatError, read_audio
-from streaming.client import DEFAULT_URL, ClientError, stream_audio
+from streaming.client import DEFAULT_URL, stream_audio
 from streaming.formats import FORMATS
 
 from .captions import Captions
@@ -68,18 +68,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{PROG}: cannot read {args.file}: {exc}", file=sys.stderr)
         return 2
     captions = Captions()
-    try:
-        transcript = asyncio.run(stream_audio(args.url, audio, speed=args.speed, token=args.token,
-                                              start_options=start_options(args), on_event=captions))
-    except ClientError as exc:
-        captions.close()
-        print(f"{PROG}: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        captions.close()
-        print(f"{PROG}: interrupted", file=sys.stderr)
-        return 130
-    captions.close()
+    status, transcript = captions.run(PROG, lambda: asyncio.run(stream_audio(
+        args.url, audio, speed=args.speed, token=args.token, start_options=start_options(args), on_event=captions)))
+    if transcript is None:
+        return status
     output = transcript.render(args.format)
     if args.output is None:
         sys.stdout.write(output)

@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator
 from types import ModuleType
 from typing import Any
 
-from streaming.client import DEFAULT_URL, ClientError, stream_audio
+from streaming.client import DEFAULT_URL, stream_audio
 from streaming.formats import FORMATS
 
 from .captions import Captions
@@ -141,22 +141,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.list_devices:
             print(sd.query_devices())
             return 0
-        output = asyncio.run(_run(args, sd, captions))
+        status, output = captions.run(PROG, lambda: asyncio.run(_run(args, sd, captions)),
+                                      interrupted="interrupted before the transcript was complete")
     except AudioInputError as exc:
         print(f"{PROG}: {exc}", file=sys.stderr)
         return 2
-    except ClientError as exc:
-        captions.close()
-        print(f"{PROG}: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        captions.close()
-        print(f"{PROG}: interrupted before the transcript was complete", file=sys.stderr)
-        return 130
-    captions.close()
-    sys.stdout.write(output)
-    return 0
-
+    if output is not None:
+        sys.stdout.write(output)
+    return status
 
 if __name__ == "__main__":
     sys.exit(main())

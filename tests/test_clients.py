@@ -387,6 +387,23 @@ def test_captions_off_a_terminal_write_committed_lines_only() -> None:
                               "Ask what you can do for your country.\n")
 
 
+def test_captions_run_keeps_the_text_and_maps_how_the_work_ended_to_an_exit_status(capsys) -> None:
+    def fails(exc: BaseException) -> Callable[[], str]:
+        def work() -> str:
+            captions({"type": "final", "text": " kept"})
+            captions({"type": "partial", "text": " dropped"})
+            raise exc
+        return work
+
+    out = _Terminal()
+    captions = Captions(out, tty=False, width=lambda: 80)
+    assert captions.run("prog", lambda: "done") == (0, "done")
+    assert captions.run("prog", fails(ClientError("the server went away"))) == (1, None)
+    assert captions.run("prog", fails(KeyboardInterrupt()), interrupted="stopped early") == (130, None)
+    assert out.getvalue() == "kept\nkept\n"  # committed text is written before the reason, the partial is not
+    assert capsys.readouterr().err == "prog: the server went away\nprog: stopped early\n"
+
+
 class _Terminal:
     """Enough of a terminal to check captions: \\r, clear-line and newlines."""
 
