@@ -95,6 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-batch", type=int, default=8, help="window decodes per batched pass (default: 8)")
     s.add_argument("--max-wait-ms", type=float, default=5.0,
                    help="wait this long for more requests to batch (default: 5)")
+    s.add_argument("--heap-trim-seconds", type=float, default=1.0,
+                   help="while inference runs, return freed memory to the system this often (default: 1; 0: off)")
     s.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     s.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
                    help="weights and activations (default auto: float16 on CUDA; on CPU bfloat16 where the CPU has "

@@ -54,6 +54,8 @@ class Metrics:
         self.requests = 0
         self.request_failures = 0
         self.busy_seconds = 0.0
+        self.heap_trims = 0
+        self.heap_trim_seconds = 0.0
         self.batch_size = Histogram(BATCH_BUCKETS)
         self.queue_delay = Histogram(DELAY_BUCKETS)
 
@@ -85,6 +87,12 @@ class Metrics:
             self.request_failures += failures
             self.busy_seconds += busy_seconds
 
+    def observe_heap_trim(self, seconds: float) -> None:
+        """Freed memory was returned to the system, which took ``seconds``."""
+        with self._lock:
+            self.heap_trims += 1
+            self.heap_trim_seconds += seconds
+
     @property
     def real_time_factor(self) -> float:
         """Inference seconds per second of audio received (0 before any audio)."""
@@ -105,6 +113,10 @@ class Metrics:
                          self.request_failures),
                 *_metric(f"{p}_inference_busy_seconds_total", "counter", "Time the inference worker spent running.",
                          self.busy_seconds),
+                *_metric(f"{p}_heap_trims_total", "counter", "Times freed memory was returned to the system.",
+                         self.heap_trims),
+                *_metric(f"{p}_heap_trim_seconds_total", "counter", "Time spent returning freed memory.",
+                         self.heap_trim_seconds),
                 *_metric(f"{p}_real_time_factor", "gauge", "Inference seconds per second of audio received.", rtf),
                 f"# HELP {p}_batch_size Window decodes per inference batch.",
                 f"# TYPE {p}_batch_size histogram",

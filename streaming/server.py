@@ -31,6 +31,7 @@ from websockets.http11 import Request, Response
 
 from . import __version__
 from .admission import Admission
+from .heap import HeapTrimmer
 from .metrics import Metrics
 from .protocol import (
     DEFAULT_MAX_MESSAGE_BYTES,
@@ -84,6 +85,7 @@ class ServerConfig:
     max_wait_ms: float = 5.0
     workers: int = 1
     max_utilization: float = 0.8  # 0: no admission control beyond max_streams
+    heap_trim_seconds: float = 1.0  # 0: never return freed C heap memory to the system (see streaming.heap)
 
     def __post_init__(self) -> None:
         if self.max_streams < 1:
@@ -98,6 +100,8 @@ class ServerConfig:
             raise ValueError(f"workers={self.workers} is out of range; allowed: 1 to 16")
         if self.max_batch < 1 or not 0 <= self.max_wait_ms <= 1000:
             raise ValueError("max_batch must be >= 1 and max_wait_ms from 0 to 1000")
+        if not 0 <= self.heap_trim_seconds <= 3600:
+            raise ValueError(f"heap_trim_seconds={self.heap_trim_seconds} is out of range; allowed: 0 (off) to 3600")
         if self.token is not None and not self.token:
             raise ValueError("token is empty; pass a non-empty token or none to disable authentication")
 
@@ -137,6 +141,7 @@ class Server:
         self.refusals = RefusalLog()
         self._connections: dict[asyncio.Task, _Connection] = {}
         self._scheduler: Scheduler | None = None
+        self._trimmer: HeapTrimmer | None = None
         self._server = None
 
     async def start(self) -> None:
@@ -153,6 +158,10 @@ class Server:
         except BaseException:
             await asyncio.to_thread(self._scheduler.close)
             raise
+        if self.config.heap_trim_seconds:
+            self._trimmer = HeapTrimmer(lambda: self.metrics.busy_seconds, self.config.heap_trim_seconds,
+                                        on_trim=self.metrics.observe_heap_trim)
+            self._trimmer.start()
         log.info("listening on %s (model %s, %s, at most %d streams)", self.url, self.info.model,
                  str(getattr(getattr(self.engine, "model", None), "dtype", "?")).removeprefix("torch."),
                  self.config.max_streams)
@@ -200,6 +209,8 @@ class Server:
             await self._server.wait_closed()
         if self._scheduler is not None:
             await asyncio.to_thread(self._scheduler.close)
+        if self._trimmer is not None:
+            await asyncio.to_thread(self._trimmer.close)
 
     async def __aenter__(self) -> Server:
         await self.start()
@@ -536,7 +547,7 @@ def serve_command(args: argparse.Namespace) -> int:
                               token=args.token, allow_origins=tuple(args.allow_origin or ()),
                               drain_seconds=args.drain_seconds, max_batch=args.max_batch,
                               max_wait_ms=args.max_wait_ms, workers=args.workers,
-                              max_utilization=args.max_utilization)
+                              max_utilization=args.max_utilization, heap_trim_seconds=args.heap_trim_seconds)
     except ValueError as exc:
         print(f"whisper-stream: {exc}", file=sys.stderr)
         return 2
