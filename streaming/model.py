@@ -121,27 +121,54 @@ def _row_bucket(rows: int) -> int:
     return -(-rows // step) * step
 
 
-def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-    """``F.linear``; on CPU in half precision the rows are padded to a bucket size first.
+def pack_weight(weight: Tensor) -> Tensor | None:
+    """``weight`` [out, in] reordered once into oneDNN's blocked layout, or None where that does not apply.
+
+    Only bfloat16 on CPU: there oneDNN otherwise reorders the whole weight on every call, which makes the
+    decoder's one-row products (a token step) up to three times slower; the vocabulary projection alone
+    reorders 40 MB per step.
+    """
+    if weight.device.type != "cpu" or weight.dtype != torch.bfloat16 or not torch.backends.mkldnn.is_available():
+        return None
+    try:
+        return torch.ops.mkldnn._reorder_linear_weight(weight, 1)
+    except (AttributeError, RuntimeError):  # a torch build without these oneDNN ops
+        return None
+
+
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, packed: Tensor | None = None) -> Tensor:
+    """``F.linear``; on CPU in half precision the rows are padded to a bucket size first, and ``packed``
+    (from :func:`pack_weight`, for this ``weight``) skips oneDNN's per-call weight reorder.
 
     oneDNN, which runs those products, builds and caches a kernel (with its scratch memory) for every
     distinct shape: streaming windows of every length made memory grow by hundreds of MB. Bucketed
     shapes keep that cache small at the cost of a little padding.
     """
-    rows = x.numel() // x.shape[-1]
-    padding = _row_bucket(rows) - rows
-    if x.device.type != "cpu" or x.dtype == torch.float32 or not padding:
+    if x.device.type != "cpu" or x.dtype == torch.float32:
         return F.linear(x, weight, bias)
-    padded = F.pad(x.reshape(rows, -1), (0, 0, 0, padding))
-    return F.linear(padded, weight, bias)[:rows].reshape(*x.shape[:-1], weight.shape[0])
+    rows = x.numel() // x.shape[-1]
+    flat, padding = x.reshape(rows, -1), _row_bucket(rows) - rows
+    if padding:
+        flat = F.pad(flat, (0, 0, 0, padding))
+    if packed is not None and x.dtype == weight.dtype == torch.bfloat16:
+        out = torch.ops.mkldnn._linear_pointwise(flat, packed, bias, "none", [], "")
+    else:
+        out = F.linear(flat, weight, bias)
+    return out[:rows].reshape(*x.shape[:-1], weight.shape[0])
 
 
 class BucketedLinear(nn.Linear):
     """A linear layer for inputs of many row counts (the decoder's token sequences); see :func:`linear`.
     The encoder needs none: its callers bucket the audio context to whole seconds."""
 
+    packed: Tensor | None = None
+
+    def pack(self) -> None:
+        """Reorder the weight for the CPU once (:func:`pack_weight`); call again after changing dtype."""
+        self.packed = pack_weight(self.weight)
+
     def forward(self, x: Tensor) -> Tensor:
-        return linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias, self.packed)
 
 
 class LayerNorm(nn.LayerNorm):
@@ -250,6 +277,15 @@ class TextDecoder(nn.Module):
         self.blocks = nn.ModuleList(DecoderBlock(dims.n_text_state, dims.n_text_head)
                                     for _ in range(dims.n_text_layer))
         self.ln = LayerNorm(dims.n_text_state)
+        self.packed_logits: Tensor | None = None  # the vocabulary projection's weight, see :meth:`pack`
+
+    def pack(self) -> None:
+        """Reorder the weights of the token-by-token products once for the CPU (bfloat16 only; see
+        :func:`pack_weight`). Call again after moving the model to another dtype or device."""
+        for module in self.modules():
+            if isinstance(module, BucketedLinear):
+                module.pack()
+        self.packed_logits = pack_weight(self.token_embedding.weight)
 
     def new_cache(self, audio_features: Tensor, audio_mask: Tensor | None = None) -> KVCache:
         """An empty cache whose cross-attention keys/values are computed once from ``audio_features``."""
@@ -296,7 +332,7 @@ class TextDecoder(nn.Module):
                 weights.append(w[:, wanted[i]])
             x = x + block.mlp(block.mlp_ln(x))
         x = self.ln(x if logits_at is None else x[:, logits_at])
-        logits = linear(x, self.token_embedding.weight.to(x.dtype)).float()
+        logits = linear(x, self.token_embedding.weight.to(x.dtype), packed=self.packed_logits).float()
         aligned = torch.cat(weights, dim=1) if weights else None
         return logits, KVCache(new_self, cache.cross_kv, cache.audio_mask, self_mask), aligned
 

@@ -62,6 +62,7 @@ def load_model(name_or_path: str | os.PathLike, device: str | torch.device | Non
     else:
         model, vocab = _load_path(Path(spec).expanduser())
     model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    model.decoder.pack()
     return LoadedModel(model, vocab, spec)
 
 

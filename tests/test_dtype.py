@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import wave
 from pathlib import Path
 
@@ -12,7 +13,7 @@ import torch.nn.functional as F
 
 from streaming.engine import Engine, fast_cpu_dtype
 from streaming.inference import WindowRequest, run_window
-from streaming.model import _row_bucket, linear
+from streaming.model import _row_bucket, linear, pack_weight
 from streaming.weights import ModelLoadError
 
 
@@ -65,3 +66,31 @@ def test_half_precision_linear_pads_rows_to_few_buckets_and_keeps_results() -> N
         out = linear(x, weight, bias)
         assert out.shape == (*shape[:-1], 96)
         torch.testing.assert_close(out.float(), F.linear(x.float(), weight.float(), bias.float()), atol=0.1, rtol=0.02)
+
+
+def test_packed_bfloat16_weights_give_the_products_and_decoder_steps_of_the_plain_ones(tiny_model) -> None:
+    """The decoder's weights reordered once for oneDNN (bfloat16 on CPU) change the speed, not the numbers."""
+    torch.manual_seed(0)
+    weight, bias = torch.randn(96, 64).bfloat16(), torch.randn(96).bfloat16()
+    packed = pack_weight(weight)
+    if packed is None:
+        pytest.skip("this torch build cannot reorder bfloat16 weights for oneDNN")
+    for shape in ((1, 1, 64), (5, 1, 64), (2, 37, 64)):
+        x = torch.randn(shape).bfloat16()
+        torch.testing.assert_close(linear(x, weight, bias, packed), linear(x, weight, bias), atol=0, rtol=0)
+    assert pack_weight(weight.float()) is None
+
+    model = copy.deepcopy(tiny_model).to(torch.bfloat16)  # the fixture is shared: leave it float32
+    features = torch.randn(1, 100, model.dims.n_audio_state).bfloat16()
+    tokens = torch.tensor([[model.dims.n_vocab - 100, 11, 12, 13]])
+
+    def logits() -> torch.Tensor:
+        cache = model.decoder.new_cache(features)
+        prompt, cache, _ = model.decoder(tokens, cache)
+        step, _, _ = model.decoder(torch.tensor([[14], [15]]), cache.select(torch.tensor([0, 0])))
+        return torch.cat([prompt[0], step[:, -1]])
+
+    plain = logits()
+    model.decoder.pack()
+    assert model.decoder.packed_logits is not None
+    torch.testing.assert_close(logits(), plain, atol=0, rtol=0)
