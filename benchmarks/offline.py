@@ -1,7 +1,9 @@
 """Offline accuracy and speed of our engine next to faster-whisper, on the eval streams.
 
 Usage: python benchmarks/offline.py [--streams en_prompts en_mixed] [--beam-size 5] [--threads 2]
-Each engine runs in its own process so that peak memory (max RSS) is its own.
+                                   [--start 0 23 32] [--show-text]
+Each engine runs in its own process so that peak memory (max RSS) is its own. ``--start`` transcribes
+each stream from those seconds on (cut in the silence before a clip; scored against the clips after it).
 """
 
 from __future__ import annotations
@@ -16,8 +18,10 @@ import time
 from evalkit import load_stream, machine, score_text
 
 
-def run_engine(engine: str, stream: str, beam: int, threads: int) -> dict:
+def run_engine(engine: str, stream: str, beam: int, threads: int, start: float = 0.0) -> dict:
     audio, reference = load_stream(stream)
+    audio = audio[round(start * 16000):]
+    reference = dict(reference, segments=[s for s in reference["segments"] if s["start"] >= start])
     if engine == "whisper-stream":
         from streaming.engine import Engine, configure_threads
         from streaming.transcribe import TranscribeOptions, transcribe
@@ -42,7 +46,8 @@ def run_engine(engine: str, stream: str, beam: int, threads: int) -> dict:
         text = " ".join(s.text for s in segments)
     elapsed = time.perf_counter() - started
     result = score_text(reference, text)
-    return {"engine": engine, "stream": stream, "wer": result["wer"], "seconds": elapsed,
+    return {"engine": engine, "stream": stream, "start": start, "text": text, "wer": result["wer"],
+            "words": result["words"], "seconds": elapsed,
             "rtf": elapsed / (len(audio) / 16000),
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
@@ -54,24 +59,30 @@ def main() -> None:
                                                          "faster-whisper-float32"])
     parser.add_argument("--beam-size", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--start", type=float, nargs="+", default=[0.0],
+                        help="transcribe from these seconds of each stream on (default: 0)")
+    parser.add_argument("--show-text", action="store_true", help="print each transcript")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(run_engine(args.engines[0], args.streams[0], args.beam_size, args.threads)))
+        print(json.dumps(run_engine(args.engines[0], args.streams[0], args.beam_size, args.threads, args.start[0])))
         return
     print(f"# offline, tiny.en, beam {args.beam_size}, {args.threads} threads, {machine()}")
-    print(f"{'stream':<12} {'engine':<24} {'WER %':>6} {'RTF':>7} {'peak MB':>8}")
+    print(f"{'stream':<12} {'from s':>6} {'engine':<24} {'words':>5} {'WER %':>6} {'RTF':>7} {'peak MB':>8}")
     for stream in args.streams:
-        for engine in args.engines:
-            cmd = [sys.executable, __file__, "--child", "--engines", engine, "--streams", stream,
-                   "--beam-size", str(args.beam_size), "--threads", str(args.threads)]
-            proc = subprocess.run(cmd, capture_output=True, text=True)
-            if proc.returncode != 0:
-                print(f"{stream:<12} {engine:<24} failed: {proc.stderr.strip().splitlines()[-1:]}")
-                continue
-            r = json.loads(proc.stdout.strip().splitlines()[-1])
-            print(f"{stream:<12} {engine:<24} {100 * r['wer']:6.2f} {r['rtf']:7.3f} {r['peak_rss_mb']:8.0f}",
-                  flush=True)
+        for start in args.start:
+            for engine in args.engines:
+                cmd = [sys.executable, __file__, "--child", "--engines", engine, "--streams", stream,
+                       "--beam-size", str(args.beam_size), "--threads", str(args.threads), "--start", str(start)]
+                proc = subprocess.run(cmd, capture_output=True, text=True)
+                if proc.returncode != 0:
+                    print(f"{stream:<12} {start:6g} {engine:<24} failed: {proc.stderr.strip().splitlines()[-1:]}")
+                    continue
+                r = json.loads(proc.stdout.strip().splitlines()[-1])
+                print(f"{stream:<12} {start:6g} {engine:<24} {r['words']:5d} {100 * r['wer']:6.2f} {r['rtf']:7.3f} "
+                      f"{r['peak_rss_mb']:8.0f}", flush=True)
+                if args.show_text:
+                    print(f"    {r['text'].strip()}", flush=True)
 
 
 if __name__ == "__main__":

@@ -11,9 +11,15 @@ from .alignment import WordTiming, find_alignment
 from .decoding import DecodingOptions, FallbackPolicy, decode_with_fallback, detect_language, prefill
 from .engine import Engine
 from .mel import FRAMES_PER_SECOND, HOP_LENGTH, N_FRAMES, N_SAMPLES, SAMPLE_RATE
+from .vad import SpeechAudio, VadConfig, VoiceActivityDetector
 
 SECONDS_PER_TOKEN = 0.02
 SILENCE_PEAK = 1e-3  # a window whose samples all stay below this (-60 dBFS) is digital silence: not decoded
+# A window whose text ends this many frames (1 s) or more before the window does, with at least this much speech
+# (VAD) after the text, is decoded again from there. Less is most often the end of the last word: decoded
+# alone, it turns into a hallucinated " you".
+MIN_REST_FRAMES = 100
+MIN_REST_SPEECH = 2.0
 
 
 @dataclass
@@ -92,6 +98,8 @@ def transcribe(engine: Engine, audio: np.ndarray, options: TranscribeOptions = T
             report()
             continue
         new_segments, consumed = _split_segments(result.tokens, tokenizer.timestamp_begin, window)
+        if consumed < window and result.tokens[-1] >= tokenizer.timestamp_begin > result.tokens[-2]:
+            consumed = consumed if _speech_seconds(chunk[consumed * HOP_LENGTH:]) >= MIN_REST_SPEECH else window
         if (new_segments and window == N_FRAMES and consumed == N_FRAMES
                 and result.tokens[-1] < tokenizer.timestamp_begin):
             new_segments, consumed = _anchor_open_end(engine, tokenizer, features, new_segments)
@@ -113,9 +121,18 @@ def transcribe(engine: Engine, audio: np.ndarray, options: TranscribeOptions = T
 
 
 def _split_segments(tokens: list[int], tb: int, window: int) -> tuple[list[tuple[list[int], float, float]], int]:
-    """Cut a window's tokens at timestamp pairs; also return how many mel frames the window consumed."""
+    """Cut a window's tokens at timestamp pairs; also return how many mel frames the window consumed.
+
+    Text that ends with a single timestamp ends the window's speech as far as the decoder is concerned, but
+    it sometimes stops early ("Feels like these days go on forever." then end of text, with 14 s of speech
+    after it): when a second or more of the window follows, the window is consumed only up to that timestamp
+    (the caller decodes the rest only if it holds speech: see :func:`_speech_seconds`).
+    """
     is_ts = [t >= tb for t in tokens]
     single_ending = len(tokens) >= 2 and not is_ts[-2] and is_ts[-1]
+    if single_ending:
+        ended = round((tokens[-1] - tb) * SECONDS_PER_TOKEN * FRAMES_PER_SECOND)
+        consumed_at_end = ended if 0 < ended <= window - MIN_REST_FRAMES else window
     cuts = [i for i in range(1, len(tokens)) if is_ts[i] and is_ts[i - 1]]
     out = []
     if cuts:
@@ -129,14 +146,20 @@ def _split_segments(tokens: list[int], tb: int, window: int) -> tuple[list[tuple
                 out.append((text, (stamps[0] - tb) * SECONDS_PER_TOKEN, (stamps[-1] - tb) * SECONDS_PER_TOKEN))
             last = cut
         if single_ending:
-            return out, window
+            return out, consumed_at_end
         last_stamp = tokens[cuts[-1] - 1] - tb
         return out, max(1, round(last_stamp * SECONDS_PER_TOKEN * FRAMES_PER_SECOND))
     # a leading timestamp opens the text and only a timestamp after the text closes it
     end = (tokens[-1] - tb) * SECONDS_PER_TOKEN if single_ending else window / FRAMES_PER_SECOND
     start = min((tokens[0] - tb) * SECONDS_PER_TOKEN, end) if tokens and is_ts[0] else 0.0
     text = [t for t in tokens if t < tb]
-    return ([(text, start, end)] if text else []), window
+    return ([(text, start, end)] if text else []), consumed_at_end if single_ending and text else window
+
+
+def _speech_seconds(audio: np.ndarray) -> float:
+    """Seconds of ``audio`` (16 kHz mono float) that the voice-activity detector takes for speech."""
+    vad = VoiceActivityDetector(VadConfig())
+    return sum(len(e.audio) for e in vad.feed(audio) + vad.flush() if isinstance(e, SpeechAudio)) / SAMPLE_RATE
 
 
 def _anchor_open_end(engine: Engine, tokenizer, features, segments):

@@ -48,16 +48,19 @@ def test_split_pairs_consume_up_to_the_last_timestamp() -> None:
     assert consumed == 420
 
 
-def test_split_pairs_with_a_single_timestamp_ending_consume_the_window() -> None:
+def test_split_pairs_with_a_single_timestamp_ending_consume_up_to_it_when_a_second_or_more_follows() -> None:
     tokens = [TB + 10, 1, TB + 100, TB + 100, 2, TB + 150]
     segments, consumed = _split_segments(tokens, TB, 2500)
     assert segments == [([1], pytest.approx(0.2), 2.0), ([2], 2.0, 3.0)]
-    assert consumed == 2500
+    assert consumed == 300  # the caller decodes the rest if it holds speech
+    assert _split_segments(tokens, TB, 399)[1] == 399  # under a second left: the window is done
+    assert _split_segments([TB, 1, TB + 150], TB, 3000) == ([([1], 0.0, 3.0)], 300)
+    assert _split_segments([TB, 1, TB], TB, 3000)[1] == 3000  # never a zero-frame seek
 
 
 def test_split_single_segment_with_closing_timestamp() -> None:
     segments, consumed = _split_segments([TB + 50, 7, 8, TB + 150], TB, 3000)
-    assert segments == [([7, 8], 1.0, 3.0)] and consumed == 3000
+    assert segments == [([7, 8], 1.0, 3.0)] and consumed == 300
 
 
 def test_split_open_text_starts_at_its_timestamp_and_runs_to_the_window_end() -> None:
@@ -250,6 +253,19 @@ def test_jfk_word_timestamps(jfk) -> None:
     assert abs(words[0].start - 0.5) <= 1.5
     assert abs(words[-1].end - 11.5) <= 1.0
     assert all(0.0 <= w.probability <= 1.0 for w in words)
+
+
+@pytest.mark.real_model
+def test_speech_after_text_that_ended_early_is_decoded(engine, en_mixed) -> None:
+    """From 27.2 s of en_mixed, one window: the decoder ends its text after the first clip, with 14 s of
+    speech to come; the rest of the window is decoded instead of skipped. The tail of a last word alone (the
+    audio after "zero", the stream's last word) is not decoded again (it made a hallucinated "you")."""
+    path, clips = en_mixed
+    out = transcribe(engine, read_wav(path, 27.2, 45.597))
+    said = words_of(out.text)
+    assert said[:6] == ["feels", "like", "these", "days", "go", "on"]
+    assert {"north", "front", "rear", "spades", "hearts"} <= set(said)
+    assert words_of(transcribe(engine, read_wav(path, 23.0, 45.597)).text)[-1] == "zero"
 
 
 @pytest.mark.real_model
