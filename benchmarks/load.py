@@ -24,6 +24,7 @@ import asyncio
 import json
 import os
 import re
+import shlex
 import signal
 import statistics
 import subprocess
@@ -91,12 +92,13 @@ class ServerProcess:
     """``whisper-stream serve`` on a free port in a child process; its log goes to ``log``."""
 
     def __init__(self, model: str, threads: int | None, workers: int | None, max_batch: int, max_utilization: float,
-                 dtype: str | None, log: Path):
+                 dtype: str | None, log: Path, extra: tuple[str, ...] = ()):
         command = [sys.executable, "-m", "streaming.cli", "serve", "--port", "0", "--model", model,
                    "--max-streams", "64", "--max-batch", str(max_batch), "--max-utilization", str(max_utilization)]
         command += ["--workers", str(workers)] if workers else []
         command += ["--dtype", dtype] if dtype else []
         command += ["--threads", str(threads)] if threads else []
+        command += list(extra)
         log.parent.mkdir(parents=True, exist_ok=True)
         self.log = log
         with open(log, "w") as sink:
@@ -253,6 +255,7 @@ def main() -> None:
     parser.add_argument("--dtype", default=None, help="the server's --dtype (default: its own default, auto)")
     parser.add_argument("--max-utilization", type=float, default=0.0,
                         help="the server's admission limit (default 0: off, every stream is admitted)")
+    parser.add_argument("--server-args", default="", help="more `serve` flags, e.g. '--heap-trim-seconds 0'")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "out" / "load"))
     parser.add_argument("--windows", type=int, default=0, help="time run_windows on this many requests instead")
     parser.add_argument("--repeats", type=int, default=5)
@@ -269,12 +272,12 @@ def main() -> None:
         return
     print(f"# load, {args.model}, {args.seconds:g} s per stream, server workers {args.workers or 'default'}, threads "
           f"{args.threads or 'default'}, dtype {args.dtype or 'default'}, "
-          f"max utilization {args.max_utilization or 'off'}, {machine()}")
+          f"max utilization {args.max_utilization or 'off'}, {args.server_args or 'no other flags'}, {machine()}")
     print(f"{'streams':>7} {'admitted':>8} {'batch':>5} {'WER %':>6} {'p50 s':>6} {'p90 s':>6} {'cpu s/audio s':>13} "
           f"{'mean batch':>10} {'decodes':>7} {'wall s':>6}")
     for max_batch in args.max_batch:
         server = ServerProcess(args.model, args.threads, args.workers, max_batch, args.max_utilization, args.dtype,
-                               Path(args.out) / f"server-batch{max_batch}.log")
+                               Path(args.out) / f"server-batch{max_batch}.log", tuple(shlex.split(args.server_args)))
         try:
             for n in args.streams:
                 r = load_run(server, n, args.seconds, Path(args.out) / f"streams{n}-batch{max_batch}")
