@@ -1,0 +1,90 @@
+"""Where a stream's inference time goes: encoder, prefill, decoding steps and word alignment.
+
+Runs the embeddable recogniser over the first ``--seconds`` of an eval stream as fast as possible, one torch
+thread per recogniser, and prints the seconds spent in each stage of every window decode. ``--copies 2``
+runs two recognisers at once on two threads (both cores busy, as in the server with two workers; each
+takes a different part of the stream). ``--no-pack`` leaves the decoder's weights in their plain layout
+(see ``streaming.model.pack_weight``), for comparison.
+
+Usage: python benchmarks/decode_cost.py [--stream en_prompts] [--seconds 90] [--dtype bfloat16]
+                                        [--copies 2] [--no-pack]
+"""
+
+from __future__ import annotations
+
+import argparse
+import threading
+import time
+from collections import defaultdict
+
+from evalkit import load_stream, machine
+
+from streaming import inference
+from streaming.engine import Engine, configure_threads
+from streaming.model import BucketedLinear
+from streaming.recognizer import Recognizer
+
+STAGES = {"encode_window": "encode", "_prepare": "prefill", "_decode": "decode", "_finish": "align"}
+
+
+def time_stages(totals: dict[str, float], lock: threading.Lock) -> None:
+    """Wrap the stages of :func:`streaming.inference.run_window` so that each adds its time to ``totals``."""
+    for name, label in STAGES.items():
+        original = getattr(inference, name)
+
+        def timed(*args, _original=original, _label=label, **kwargs):
+            started = time.thread_time()
+            try:
+                return _original(*args, **kwargs)
+            finally:
+                with lock:
+                    totals[_label] += time.thread_time() - started
+
+        setattr(inference, name, timed)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--stream", default="en_prompts")
+    parser.add_argument("--seconds", type=float, default=90.0, help="audio per recogniser")
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--copies", type=int, default=1, help="recognisers running at once, one thread each")
+    parser.add_argument("--no-pack", action="store_true", help="decoder weights in their plain layout")
+    args = parser.parse_args()
+    configure_threads(1)
+    engine = Engine.load("tiny.en", dtype=args.dtype)
+    if args.no_pack:
+        for module in engine.model.decoder.modules():
+            if isinstance(module, BucketedLinear):
+                module.packed = None
+        engine.model.decoder.packed_logits = None
+    audio, _ = load_stream(args.stream)
+    totals: dict[str, float] = defaultdict(float)
+    lock = threading.Lock()
+    time_stages(totals, lock)
+    samples = round(args.seconds * 16000)
+
+    def run(copy: int) -> None:
+        configure_threads(1)
+        part = audio[copy * samples: (copy + 1) * samples]
+        recognizer = Recognizer(engine)
+        for offset in range(0, part.size, 320):
+            recognizer.feed(part[offset: offset + 320])
+        recognizer.close()
+
+    started = time.perf_counter()
+    threads = [threading.Thread(target=run, args=(k,)) for k in range(args.copies)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    wall = time.perf_counter() - started
+    heard = args.copies * args.seconds
+    print(f"# decode cost, tiny.en {engine.model.dtype}, {args.stream}, {args.copies} x {args.seconds:g} s, "
+          f"{'plain' if args.no_pack else 'packed'} decoder weights, {machine()}")
+    print("  ".join(f"{label} {totals[label]:.1f} s" for label in STAGES.values())
+          + f"  | inference CPU s per audio s {sum(totals.values()) / heard:.3f}  wall {wall:.1f} s")
+
+
+if __name__ == "__main__":
+    main()
