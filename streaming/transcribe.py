@@ -97,9 +97,9 @@ def transcribe(engine: Engine, audio: np.ndarray, options: TranscribeOptions = T
             seek += window
             report()
             continue
-        new_segments, consumed = _split_segments(result.tokens, tokenizer.timestamp_begin, window)
-        if consumed < window and result.tokens[-1] >= tokenizer.timestamp_begin > result.tokens[-2]:
-            consumed = consumed if _speech_seconds(chunk[consumed * HOP_LENGTH:]) >= MIN_REST_SPEECH else window
+        new_segments, consumed = _split_segments(
+            result.tokens, tokenizer.timestamp_begin, window,
+            lambda frame, rest=chunk: _speech_seconds(rest[frame * HOP_LENGTH:]) >= MIN_REST_SPEECH)
         if (new_segments and window == N_FRAMES and consumed == N_FRAMES
                 and result.tokens[-1] < tokenizer.timestamp_begin):
             new_segments, consumed = _anchor_open_end(engine, tokenizer, features, new_segments)
@@ -120,19 +120,22 @@ def transcribe(engine: Engine, audio: np.ndarray, options: TranscribeOptions = T
     return Transcript(language, segments, duration)
 
 
-def _split_segments(tokens: list[int], tb: int, window: int) -> tuple[list[tuple[list[int], float, float]], int]:
+def _split_segments(tokens: list[int], tb: int, window: int,
+                    speech_after: Callable[[int], bool] = lambda frame: True,
+                    ) -> tuple[list[tuple[list[int], float, float]], int]:
     """Cut a window's tokens at timestamp pairs; also return how many mel frames the window consumed.
 
     Text that ends with a single timestamp ends the window's speech as far as the decoder is concerned, but
     it sometimes stops early ("Feels like these days go on forever." then end of text, with 14 s of speech
-    after it): when a second or more of the window follows, the window is consumed only up to that timestamp
-    (the caller decodes the rest only if it holds speech: see :func:`_speech_seconds`).
+    after it): when a second or more of the window follows and ``speech_after(frame)`` says the audio from
+    that timestamp's frame on holds speech, the window is consumed only up to that timestamp.
     """
     is_ts = [t >= tb for t in tokens]
     single_ending = len(tokens) >= 2 and not is_ts[-2] and is_ts[-1]
-    if single_ending:
+
+    def consumed_at_end() -> int:
         ended = round((tokens[-1] - tb) * SECONDS_PER_TOKEN * FRAMES_PER_SECOND)
-        consumed_at_end = ended if 0 < ended <= window - MIN_REST_FRAMES else window
+        return ended if 0 < ended <= window - MIN_REST_FRAMES and speech_after(ended) else window
     cuts = [i for i in range(1, len(tokens)) if is_ts[i] and is_ts[i - 1]]
     out = []
     if cuts:
@@ -146,14 +149,14 @@ def _split_segments(tokens: list[int], tb: int, window: int) -> tuple[list[tuple
                 out.append((text, (stamps[0] - tb) * SECONDS_PER_TOKEN, (stamps[-1] - tb) * SECONDS_PER_TOKEN))
             last = cut
         if single_ending:
-            return out, consumed_at_end
+            return out, consumed_at_end()
         last_stamp = tokens[cuts[-1] - 1] - tb
         return out, max(1, round(last_stamp * SECONDS_PER_TOKEN * FRAMES_PER_SECOND))
     # a leading timestamp opens the text and only a timestamp after the text closes it
     end = (tokens[-1] - tb) * SECONDS_PER_TOKEN if single_ending else window / FRAMES_PER_SECOND
     start = min((tokens[0] - tb) * SECONDS_PER_TOKEN, end) if tokens and is_ts[0] else 0.0
     text = [t for t in tokens if t < tb]
-    return ([(text, start, end)] if text else []), consumed_at_end if single_ending and text else window
+    return ([(text, start, end)] if text else []), consumed_at_end() if single_ending and text else window
 
 
 def _speech_seconds(audio: np.ndarray) -> float:

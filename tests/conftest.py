@@ -6,11 +6,13 @@ import asyncio
 import concurrent.futures
 import contextlib
 import importlib.resources
+import importlib.util
 import os
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
+from types import ModuleType
 from typing import TypeVar
 
 import pytest
@@ -67,6 +69,15 @@ def engine(real_model: LoadedModel) -> Engine:
     """An :class:`Engine` over the session's tiny.en weights (shares ``real_model``, no second load)."""
     tokenizer = load_tokenizer(real_model.vocab_source, multilingual=real_model.model.is_multilingual)
     return Engine(real_model.model, tokenizer, real_model.name)
+
+
+def scorer(shared_eval: Path) -> ModuleType:
+    """The eval's reference scorer (../shared/eval/score.py): its normalisation and alignment."""
+    spec = importlib.util.spec_from_file_location("eval_score", shared_eval / "score.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture(scope="session")

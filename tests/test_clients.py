@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib.util
 import json
 import os
 import re
@@ -23,7 +22,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import numpy as np
 import pytest
-from conftest import serve_in_thread
+from conftest import scorer, serve_in_thread
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.http11 import Request, Response
 
@@ -747,9 +746,7 @@ def test_en_mixed_through_the_file_client_stays_within_the_streaming_bound(engin
     the 4 errors the scorer counts when the digit clip "two nine three four zero" is written "29340" (the
     offline decode writes it as words only by the style its first window happened to take; see
     benchmarks/RESULTS.md, "Why en_mixed stays above its bound")."""
-    spec = importlib.util.spec_from_file_location("eval_score", shared_eval / "score.py")
-    score = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(score)
+    score = scorer(shared_eval)
     wav = shared_eval / "streams" / "en_mixed.wav"
     reference = json.loads(wav.with_suffix(".json").read_text())
     offline = score.score(reference, [{"type": "final", "t": 0.0, "text": transcribe(engine, read_audio(wav)).text}])

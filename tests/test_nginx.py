@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib.util
 import json
 import os
 import re
@@ -32,6 +31,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from conftest import scorer
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
@@ -93,15 +93,6 @@ def http_get(port: int, path: str, timeout: float = 5.0) -> tuple[int, dict[str,
             return response.status, json.loads(response.read())
     except urllib.error.HTTPError as exc:
         return exc.code, json.loads(exc.read() or b"{}")
-
-
-def scorer(shared_eval: Path) -> ModuleType:
-    """The eval's reference scorer (../shared/eval/score.py): its normalisation and alignment."""
-    spec = importlib.util.spec_from_file_location("eval_score", shared_eval / "score.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @dataclass

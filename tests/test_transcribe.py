@@ -55,6 +55,9 @@ def test_split_pairs_with_a_single_timestamp_ending_consume_up_to_it_when_a_seco
     assert consumed == 300  # the caller decodes the rest if it holds speech
     assert _split_segments(tokens, TB, 399)[1] == 399  # under a second left: the window is done
     assert _split_segments([TB, 1, TB + 150], TB, 3000) == ([([1], 0.0, 3.0)], 300)
+    asked: list[int] = []
+    assert _split_segments([TB, 1, TB + 150], TB, 3000, lambda frame: asked.append(frame) or False)[1] == 3000
+    assert asked == [300]  # no speech after the text: the window is done
     assert _split_segments([TB, 1, TB], TB, 3000)[1] == 3000  # never a zero-frame seek
 
 
