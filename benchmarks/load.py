@@ -6,7 +6,7 @@ en_mixed in turn, each client from a different utterance) at real-time pace over
 event with the wall-clock time since its first audio sample (the ../shared/eval event-log format) and is
 scored with the reference scorer against the reference segments inside its excerpt. Per run it reports the
 WER and final-word latency over all streams, the server's CPU seconds per second of audio and its mean
-inference batch size (from /metrics).
+inference batch size and time per heap trim (from /metrics).
 
 ``--windows N`` instead times ``run_windows`` on N window requests captured from a recogniser on real audio:
 one batched call against one call per request, in the same process.
@@ -186,6 +186,8 @@ def load_run(server: ServerProcess, n: int, seconds: float, out: Path) -> dict[s
     return {"wer": errors / max(words, 1), "p50": score.pct(latencies, 0.5), "p90": score.pct(latencies, 0.9),
             "cpu_per_audio": cpu / audio_seconds, "decodes": delta["whisper_stream_inference_requests_total"],
             "mean_batch": delta["whisper_stream_batch_size_sum"] / max(delta["whisper_stream_batch_size_count"], 1),
+            "trim_ms": 1000 * delta["whisper_stream_heap_trim_seconds_total"]
+            / max(delta["whisper_stream_heap_trims_total"], 1),
             "wall": wall, "audio": audio_seconds, "admitted": len(admitted)}
 
 
@@ -274,7 +276,7 @@ def main() -> None:
           f"{args.threads or 'default'}, dtype {args.dtype or 'default'}, "
           f"max utilization {args.max_utilization or 'off'}, {args.server_args or 'no other flags'}, {machine()}")
     print(f"{'streams':>7} {'admitted':>8} {'batch':>5} {'WER %':>6} {'p50 s':>6} {'p90 s':>6} {'cpu s/audio s':>13} "
-          f"{'mean batch':>10} {'decodes':>7} {'wall s':>6}")
+          f"{'mean batch':>10} {'decodes':>7} {'wall s':>6} {'ms/heap trim':>12}")
     for max_batch in args.max_batch:
         server = ServerProcess(args.model, args.threads, args.workers, max_batch, args.max_utilization, args.dtype,
                                Path(args.out) / f"server-batch{max_batch}.log", tuple(shlex.split(args.server_args)))
@@ -283,7 +285,7 @@ def main() -> None:
                 r = load_run(server, n, args.seconds, Path(args.out) / f"streams{n}-batch{max_batch}")
                 print(f"{n:>7} {r['admitted']:>8} {max_batch:>5} {100 * r['wer']:6.1f} {r['p50'] or 0:6.2f} "
                       f"{r['p90'] or 0:6.2f} {r['cpu_per_audio']:13.3f} {r['mean_batch']:10.2f} "
-                      f"{r['decodes']:7.0f} {r['wall']:6.0f}",
+                      f"{r['decodes']:7.0f} {r['wall']:6.0f} {r['trim_ms']:12.1f}",
                       flush=True)
         finally:
             server.stop()
