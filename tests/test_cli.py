@@ -148,3 +148,8 @@ def test_unknown_format_is_a_usage_error(tmp_path) -> None:
     proc = cli("transcribe", tmp_path / "any.wav", "--format", "docx")
     assert proc.returncode == 2 and "invalid choice: 'docx'" in proc.stderr
     assert all(fmt in proc.stderr for fmt in FORMATS)
+
+
+@pytest.mark.parametrize("value", ["-1", "nan", "3601"])
+def test_serve_refuses_a_bad_heap_trim_interval_before_loading_anything(value: str) -> None:
+    assert_one_line_error(cli("serve", "--heap-trim-seconds", value), "heap_trim_seconds=", "allowed: 0 (off) to 3600")
