@@ -19,7 +19,7 @@ from collections import defaultdict
 
 from evalkit import load_stream, machine
 
-from streaming import inference
+from streaming import inference, recognizer
 from streaming.engine import Engine, configure_threads
 from streaming.model import BucketedLinear
 from streaming.recognizer import Recognizer
@@ -27,8 +27,19 @@ from streaming.recognizer import Recognizer
 STAGES = {"encode_window": "encode", "_prepare": "prefill", "_decode": "decode", "_finish": "align"}
 
 
-def time_stages(totals: dict[str, float], lock: threading.Lock) -> None:
-    """Wrap the stages of :func:`streaming.inference.run_window` so that each adds its time to ``totals``."""
+def time_stages(totals: dict[tuple[str, str], float], counts: dict[str, int], lock: threading.Lock) -> None:
+    """Wrap :func:`streaming.inference.run_window` and its stages so that each stage adds its time to
+    ``totals[(kind, stage)]``, kind "interim" or "final", and each decode counts in ``counts[kind]``."""
+    kind = threading.local()
+    run_window = recognizer.run_window
+
+    def counted(engine, request, *args, **kwargs):
+        kind.name = "final" if request.final else "interim"
+        with lock:
+            counts[kind.name] += 1
+        return run_window(engine, request, *args, **kwargs)
+
+    recognizer.run_window = counted  # the recogniser calls it by the name it imported
     for name, label in STAGES.items():
         original = getattr(inference, name)
 
@@ -38,7 +49,7 @@ def time_stages(totals: dict[str, float], lock: threading.Lock) -> None:
                 return _original(*args, **kwargs)
             finally:
                 with lock:
-                    totals[_label] += time.thread_time() - started
+                    totals[(kind.name, _label)] += time.thread_time() - started
 
         setattr(inference, name, timed)
 
@@ -59,18 +70,19 @@ def main() -> None:
                 module.packed = None
         engine.model.decoder.packed_logits = None
     audio, _ = load_stream(args.stream)
-    totals: dict[str, float] = defaultdict(float)
+    totals: dict[tuple[str, str], float] = defaultdict(float)
+    counts: dict[str, int] = defaultdict(int)
     lock = threading.Lock()
-    time_stages(totals, lock)
+    time_stages(totals, counts, lock)
     samples = round(args.seconds * 16000)
 
     def run(copy: int) -> None:
         configure_threads(1)
         part = audio[copy * samples: (copy + 1) * samples]
-        recognizer = Recognizer(engine)
+        stream = Recognizer(engine)
         for offset in range(0, part.size, 320):
-            recognizer.feed(part[offset: offset + 320])
-        recognizer.close()
+            stream.feed(part[offset: offset + 320])
+        stream.close()
 
     started = time.perf_counter()
     threads = [threading.Thread(target=run, args=(k,)) for k in range(args.copies)]
@@ -82,8 +94,10 @@ def main() -> None:
     heard = args.copies * args.seconds
     print(f"# decode cost, tiny.en {engine.model.dtype}, {args.stream}, {args.copies} x {args.seconds:g} s, "
           f"{'plain' if args.no_pack else 'packed'} decoder weights, {machine()}")
-    print("  ".join(f"{label} {totals[label]:.1f} s" for label in STAGES.values())
-          + f"  | inference CPU s per audio s {sum(totals.values()) / heard:.3f}  wall {wall:.1f} s")
+    for kind in ("interim", "final"):
+        print(f"{kind:8s} {counts[kind]:4d} decodes  "
+              + "  ".join(f"{label} {totals[(kind, label)]:.1f} s" for label in STAGES.values()))
+    print(f"inference CPU s per audio s {sum(totals.values()) / heard:.3f}  wall {wall:.1f} s")
 
 
 if __name__ == "__main__":

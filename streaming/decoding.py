@@ -33,6 +33,9 @@ class DecodingOptions:
     without_timestamps: bool = False
     max_initial_timestamp: float = 1.0
     sample_len: int | None = None
+    # Tokens a greedy decode probably starts with (the window's previous hypothesis): checked in one decoder
+    # pass instead of one pass per token. The result is the same with or without it.
+    draft: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if self.task not in ("transcribe", "translate"):
@@ -155,13 +158,14 @@ def decode(model: Whisper, tokenizer: Tokenizer, features: Tensor, options: Deco
            start: Prefill | None = None) -> DecodingResult:
     """Decode one audio window (features 1 x ctx x state) and return the best hypothesis."""
     start = start or prefill(model, tokenizer, features, options)
+    if options.beam_size == 1 and options.temperature == 0:
+        return decode_greedy_batch(model, [GreedyJob(tokenizer, features, options, start)])[0]
     rules = LogitRules(tokenizer, options, len(start.initial), features.shape[1] * 0.02)
     sample_len = _sample_len(model, options, start)
-    if options.beam_size > 1 and options.temperature == 0:
+    if options.temperature == 0:
         tokens, sum_lp, probs = _beam_search(model, rules, start, options, tokenizer.eot, sample_len)
     else:
-        n = options.best_of if options.temperature > 0 else 1
-        tokens, sum_lp, probs = _sample(model, rules, start, options, tokenizer.eot, sample_len, n)
+        tokens, sum_lp, probs = _sample(model, rules, start, options, tokenizer.eot, sample_len)
     return _result(tokenizer, options, start, tokens, sum_lp, probs)
 
 
@@ -181,7 +185,10 @@ def decode_greedy_batch(model: Whisper, jobs: list[GreedyJob]) -> list[DecodingR
 
     The windows' prefills (any prompt, prefix and audio lengths) are stacked into one padded, masked cache;
     each row follows its own logit rules and stops at eot or its sample length, then leaves the batch.
-    Every result is the one :func:`decode` gives for that window alone (up to float rounding).
+    A row whose first tokens match its ``options.draft`` feeds the rest of the draft in the same pass as
+    its next token and keeps the longest prefix that greedy choice confirms; positions it does not keep are
+    masked out. Every result is the one :func:`decode` gives for that window alone without a draft (up to
+    float rounding).
     """
     if any(j.options.temperature != 0 or j.options.beam_size != 1 for j in jobs):
         raise ValueError("decode_greedy_batch decodes greedily: every job needs temperature 0 and beam_size 1")
@@ -192,29 +199,62 @@ def decode_greedy_batch(model: Whisper, jobs: list[GreedyJob]) -> list[DecodingR
     probs: list[list[float]] = [[] for _ in jobs]
     active = list(range(len(jobs)))  # the job of each batch row
     cache = KVCache.stack([j.start.cache for j in jobs])
-    logits = torch.stack([j.start.last_logits for j in jobs])
+    logits = torch.stack([j.start.last_logits for j in jobs])[:, None]  # [rows, fed positions, vocab]
+    fed: list[list[int]] = [[] for _ in jobs]  # per row, the draft tokens fed after its last chosen token
     while True:
-        logits = logits.float()
-        for row, i in enumerate(active):
-            rules[i].apply(logits[row: row + 1], [seqs[i]])
-        chosen = logits.argmax(-1)
-        chosen_lp = logits.log_softmax(-1).gather(-1, chosen[:, None])[:, 0].tolist()
-        keep = []
-        for row, (i, token, lp) in enumerate(zip(active, chosen.tolist(), chosen_lp)):
-            seqs[i].append(token)
-            sum_lp[i] += lp
-            probs[i].append(math.exp(lp))
-            if token != jobs[i].tokenizer.eot and len(seqs[i]) - len(jobs[i].start.initial) < limits[i]:
+        keep, valid = [], []
+        for row, (i, draft) in enumerate(zip(active, fed)):
+            for position in range(len(draft) + 1):
+                step = logits[row, position: position + 1].float()
+                rules[i].apply(step, [seqs[i]])
+                token = int(step.argmax(-1))
+                lp = float(step.log_softmax(-1)[0, token])
+                seqs[i].append(token)
+                sum_lp[i] += lp
+                probs[i].append(math.exp(lp))
+                finished = token == jobs[i].tokenizer.eot or len(seqs[i]) - len(jobs[i].start.initial) >= limits[i]
+                if finished or position == len(draft) or token != draft[position]:
+                    break
+            if not finished:
                 keep.append(row)
+                valid.append(position + 1)
         if not keep:
             break
-        if len(keep) < len(active):
-            active = [active[row] for row in keep]
-            cache = cache.select(torch.tensor(keep, device=logits.device))
-        step, cache, _ = model.decoder(torch.tensor([[seqs[i][-1]] for i in active], device=logits.device), cache)
-        logits = step[:, -1]
+        cache = _keep_positions(cache, logits.shape[1], keep, valid)
+        active = [active[row] for row in keep]
+        fed = [_draft_rest(jobs[i], seqs[i], limits[i]) for i in active]
+        width = 1 + max(map(len, fed))
+        feed = [[seqs[i][-1], *rest, *[seqs[i][-1]] * (width - 1 - len(rest))] for i, rest in zip(active, fed)]
+        logits, cache, _ = model.decoder(torch.tensor(feed, device=logits.device), cache)
     return [_result(j.tokenizer, j.options, j.start, seq[len(j.start.initial):], float(lp), p)
             for j, seq, lp, p in zip(jobs, seqs, sum_lp, probs)]
+
+
+def _draft_rest(job: GreedyJob, seq: list[int], limit: int) -> list[int]:
+    """The draft tokens to feed after ``seq``: the rest of the job's draft while everything sampled so far
+    follows it, no more than the sample length leaves room for."""
+    sampled = seq[len(job.start.initial):]
+    draft = job.options.draft
+    if len(sampled) >= len(draft) or tuple(sampled) != draft[:len(sampled)]:
+        return []
+    return list(draft[len(sampled): limit - 1])
+
+
+def _keep_positions(cache: KVCache, width: int, rows: list[int], valid: list[int]) -> KVCache:
+    """Rows ``rows`` of ``cache``, row k keeping the first ``valid[k]`` of the last ``width`` positions fed
+    (the rest, rejected draft tokens or padding, are trimmed or masked out)."""
+    if len(rows) < cache.batch_size:
+        cache = cache.select(torch.tensor(rows, device=cache.cross_kv[0][0].device))
+    longest = max(valid)
+    if longest < width:
+        cache = cache.trim(cache.length - width + longest)
+    if min(valid) == longest:
+        return cache
+    mask = cache.self_mask.clone() if cache.self_mask is not None else torch.ones(
+        cache.batch_size, cache.length, dtype=torch.bool, device=cache.cross_kv[0][0].device)
+    for row, n in enumerate(valid):
+        mask[row, cache.length - longest + n:] = False
+    return KVCache(cache.self_kv, cache.cross_kv, cache.audio_mask, mask)
 
 
 def _sample_len(model: Whisper, options: DecodingOptions, start: Prefill) -> int:
@@ -236,8 +276,10 @@ def _score(sum_logprob: float, length: int, penalty: float | None) -> float:
     return sum_logprob / (((5 + length) / 6) ** penalty)
 
 
-def _sample(model, rules, start, options, eot, sample_len, n):
-    """Greedy (n = 1, T = 0) or best-of-n sampling; returns the best sequence by length-normalised score."""
+def _sample(model, rules, start, options, eot, sample_len):
+    """Best-of-n sampling at ``options.temperature`` (> 0); returns the best sequence by length-normalised
+    score."""
+    n = options.best_of
     cache = start.cache.select(torch.zeros(n, dtype=torch.long, device=start.last_logits.device))
     seqs = [list(start.initial) for _ in range(n)]
     sum_lp = torch.zeros(n)
@@ -249,11 +291,7 @@ def _sample(model, rules, start, options, eot, sample_len, n):
     for _ in range(sample_len):
         logits = logits.float()
         rules.apply(logits, seqs)
-        if options.temperature == 0:
-            nxt = logits.argmax(-1)
-        else:
-            probs_t = (logits / options.temperature).softmax(-1)
-            nxt = torch.multinomial(probs_t, 1, generator=generator).squeeze(-1)
+        nxt = torch.multinomial((logits / options.temperature).softmax(-1), 1, generator=generator).squeeze(-1)
         logprobs = logits.log_softmax(-1)
         for i in range(n):
             if done[i]:

@@ -57,6 +57,7 @@ class WindowRequest:
     audio: np.ndarray
     prompt: tuple[int, ...] = ()
     prefix: tuple[int, ...] = ()
+    draft: tuple[int, ...] = ()  # the tokens expected after the prefix (see DecodingOptions.draft)
     initial_prompt: str | None = None
     language: str | None = None
     task: str = "transcribe"
@@ -139,7 +140,8 @@ def _prepare(engine: Engine, request: WindowRequest, features: torch.Tensor, fra
     seconds = len(request.audio) / SAMPLE_RATE
     options = DecodingOptions(
         task=request.task, language=reply.language, beam_size=request.beam_size,
-        prompt=tuple(prompt[-PROMPT_TOKENS:]), prefix=request.prefix, without_timestamps=True,
+        prompt=tuple(prompt[-PROMPT_TOKENS:]), prefix=request.prefix, draft=request.draft,
+        without_timestamps=True,
         sample_len=max(MIN_SAMPLE_LEN, round(seconds * MAX_TOKENS_PER_SECOND)))
     start = prefill(engine.model, tokenizer, features, options, cache)
     return _Window(request, reply, features, frames, cache, tokenizer, options, start)

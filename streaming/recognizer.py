@@ -92,6 +92,7 @@ class StreamCore:
         self._context: list[int] = []  # tokens of committed text before the window (the prompt)
         self._window_words: list[Word] = []  # committed words still inside the window (forced prefix)
         self._utterance_words: list[Word] = []  # committed in this utterance, to drop re-decoded text
+        self._draft: tuple[int, ...] = ()  # tokens of the partial: what the next decode probably says first
         self._pending: WindowRequest | None = None
         self._decoded_to = 0  # window end sample at the last decode
         self._ending = False  # an endpoint was reached: decode once more and commit everything
@@ -154,7 +155,7 @@ class StreamCore:
         o = self.options
         self._pending = WindowRequest(
             audio=self._window.audio.copy(), prompt=tuple(self._context[-PROMPT_TOKENS:]) if final else (),
-            prefix=tuple(t for w in self._window_words for t in w.tokens),
+            prefix=tuple(t for w in self._window_words for t in w.tokens), draft=self._draft,
             initial_prompt=o.prompt, language=self.language, task=o.task, final=final,
             beam_size=o.final_beam_size if final else o.beam_size, context=o.final_context if final else o.context,
             silence=o.silence)
@@ -183,6 +184,7 @@ class StreamCore:
             committed, partial = committed + self._agreement.commit_all(), []
         else:
             committed, partial = self._agreement.update(words, heard_until)
+        self._draft = tuple(t for w in partial for t in w.tokens)
         log.debug("window %.2f-%.2fs final=%s prefix=%d tokens: heard %r, committed %r",
                   self._window.start, self._window.end, request.final, len(request.prefix),
                   "".join(w.word for w in reply.words), "".join(w.text for w in committed))
@@ -262,6 +264,7 @@ class StreamCore:
         self._context += [t for w in self._window_words for t in w.tokens]
         self._context = self._context[-PROMPT_TOKENS:]
         self._window_words, self._utterance_words, self._partial_text, self._utterance_has_text = [], [], "", False
+        self._draft = ()
         self._agreement.reset()
         self._window.open(self._window.end_sample)
         self._decoded_to = self._window.end_sample

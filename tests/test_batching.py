@@ -107,6 +107,46 @@ def test_greedy_batch_matches_decode(tiny_model, streams, tok) -> None:
         assert result.token_probs == pytest.approx(ref.token_probs, abs=ATOL)
 
 
+def draft_cases(tokens: list[int]) -> dict[str, tuple[int, ...]]:
+    """Drafts for a window whose greedy decode is ``tokens``: right, partly right, wrong, too long."""
+    return {"whole": tuple(tokens), "start": tuple(tokens[:3]), "wrong middle": (*tokens[:2], 7, *tokens[3:]),
+            "wrong first": (7, *tokens[1:]), "too long": (*tokens, *tokens)}
+
+
+@pytest.mark.parametrize("timestamps", [False, True])
+def test_draft_changes_nothing_but_the_passes(tiny_model, streams, tok, monkeypatch, timestamps) -> None:
+    features = streams[1][0]
+    options = DecodingOptions(without_timestamps=not timestamps, prompt=(440, 2068), sample_len=10)
+    start = prefill(tiny_model, tok, features, options)
+    calls = []
+    forward = tiny_model.decoder.forward
+    monkeypatch.setattr(tiny_model.decoder, "forward", lambda *a, **k: calls.append(a[0].shape) or forward(*a, **k))
+    plain = decode(tiny_model, tok, features, options, start)
+    assert len(plain.tokens) >= 5 and len(calls) >= 5
+    for name, draft in draft_cases(plain.tokens).items():
+        calls.clear()
+        result = decode(tiny_model, tok, features, replace(options, draft=draft), start)
+        assert result.tokens == plain.tokens, name
+        assert result.token_probs == pytest.approx(plain.token_probs, abs=ATOL), name
+        assert result.avg_logprob == pytest.approx(plain.avg_logprob, abs=ATOL), name
+        if name in ("whole", "too long"):
+            assert len(calls) == 1 and calls[0][1] <= options.sample_len, name  # one pass checks it all
+        if name == "start":
+            assert len(calls) == len(plain.tokens) - 3, name
+
+
+def test_drafts_in_a_batch_give_each_rows_own_result(tiny_model, streams, tok) -> None:
+    options = [DecodingOptions(without_timestamps=True, sample_len=9),
+               DecodingOptions(without_timestamps=True, prompt=(440, 2068, 11), prefix=(257,), sample_len=6),
+               DecodingOptions(sample_len=12)]
+    plain = decode_greedy_batch(tiny_model, jobs_for(tiny_model, tok, streams, options))
+    for names in (("whole", "wrong middle", "start"), ("wrong first", "too long", "whole"), ("start", None, None)):
+        drafted = [replace(o, draft=draft_cases(r.tokens)[n] if n else ()) for o, r, n in zip(options, plain, names)]
+        for result, ref in zip(decode_greedy_batch(tiny_model, jobs_for(tiny_model, tok, streams, drafted)), plain):
+            assert result.tokens == ref.tokens, names
+            assert result.token_probs == pytest.approx(ref.token_probs, abs=ATOL), names
+
+
 def test_greedy_batch_refuses_other_decodings(tiny_model, streams, tok) -> None:
     for options in (DecodingOptions(beam_size=2), DecodingOptions(temperature=0.5)):
         with pytest.raises(ValueError, match="greedily"):

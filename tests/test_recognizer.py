@@ -458,6 +458,23 @@ def test_requests_carry_the_stream_options() -> None:
     assert {(r.initial_prompt, r.task, r.language) for r in requests} == {("Glossary: w0.", "translate", "en")}
 
 
+def test_each_decode_gets_the_partial_on_show_as_its_draft() -> None:
+    """The words not yet committed are what the next decode most likely starts with: the decoder checks them
+    in one pass (DecodingOptions.draft). A new utterance starts without a draft."""
+    stream = build([sentence(8), sentence(6, 8)])
+    core, decoder = StreamCore(), FakeDecoder(stream)
+    shown, drafts = "", []
+    for offset in range(0, stream.audio.size, CHUNK):
+        events = core.feed(stream.audio[offset: offset + CHUNK])
+        while (request := core.next_request()) is not None:
+            drafts.append((request.draft, shown, request.final))
+            events += core.complete(request, decoder(request))
+        shown = next((e.text for e in reversed(events) if isinstance(e, Partial)), shown)
+    assert len(drafts) > 6 and sum(bool(d) for d, _, _ in drafts) >= 4
+    for draft, text, final in drafts:
+        assert draft == tuple(int(word[1:]) for word in text.split()), (draft, text, final)
+
+
 def test_finalize_without_speech_does_nothing() -> None:
     core = StreamCore()
     assert core.finalize() == [] and core.next_request() is None
