@@ -79,7 +79,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--streams", nargs="+", default=["en_prompts", "en_mixed", "noise_only"])
     parser.add_argument("--model", default="tiny.en")
-    parser.add_argument("--dtype", default=None, help="float32 (CPU default), bfloat16 or float16")
+    parser.add_argument("--dtype", default="auto",
+                        help="auto (default, what serve uses: bfloat16 on CPUs with AMX or AVX-512 BF16, else "
+                             "float32), float32, bfloat16 or float16")
     parser.add_argument("--language", default=None)
     parser.add_argument("--speed", type=float, default=1.0, help="1 = real time; 0 = as fast as possible")
     parser.add_argument("--threads", type=int, default=1)
@@ -115,7 +117,8 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     score = scorer().score
-    print(f"# streaming, {args.model} {args.dtype or ''}, speed {args.speed or 'max'}, {args.threads} thread(s), "
+    dtype = str(engine.model.dtype).removeprefix("torch.")
+    print(f"# streaming, {args.model} {dtype}, speed {args.speed or 'max'}, {args.threads} thread(s), "
           f"min_chunk "
           f"{args.min_chunk}, LocalAgreement-{args.agreement}, margin {args.commit_margin} s, "
           f"min p {args.commit_probability}, "

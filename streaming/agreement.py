@@ -39,8 +39,10 @@ class LocalAgreement:
     With a ``margin``, a word is committed only once the oldest of those hypotheses heard at least
     ``margin`` seconds of audio after it: a word cut off at the end of a window ("for" of "forwarding")
     can be decoded the same way twice, and is not final until audio after it confirms it. With a
-    ``min_probability``, agreement stops at a word that any of the hypotheses gave a lower probability: an
-    unsure word waits for more audio (or the decode at the end of the utterance).
+    ``min_probability``, agreement stops at a word that the newest hypothesis, which heard the most audio,
+    gives a lower probability: an unsure word waits for more audio (or the decode at the end of the
+    utterance). An older hypothesis's doubt does not hold it back: the first word of an utterance is often
+    unsure until the words after it are heard.
     """
 
     def __init__(self, n: int = 2, margin: float = 0.0, min_probability: float = 0.0) -> None:
@@ -65,7 +67,7 @@ class LocalAgreement:
         for column in zip(*(keys(h) for h, _ in self._history)):
             if any(key != column[0] for key in column) or oldest[agreed].end > oldest_heard - self.margin:
                 break
-            if min(h[agreed].probability for h, _ in self._history) < self.min_probability:
+            if hypothesis[agreed].probability < self.min_probability:
                 break
             agreed += 1
         for i, (h, heard) in enumerate(self._history):

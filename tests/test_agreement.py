@@ -49,8 +49,9 @@ def test_an_unsure_word_stops_agreement_until_it_is_sure() -> None:
     committed, partial = la.update(unsure)
     assert text(committed) == " the" and text(partial) == " dial tone"  # "tone" waits behind "dial"
     sure = [Word(" dial", 0.3, 0.6, 0.8), Word(" tone", 0.6, 0.9, 0.9)]
-    assert la.update(sure)[0] == []  # the older hypothesis still doubts "dial"
-    assert text(la.update(sure)[0]) == " dial tone"
+    assert text(la.update(sure)[0]) == " dial tone"  # the newest hypothesis heard more and is sure
+    la.update(words("is on"))
+    assert la.update([Word(" is", 0.9, 1.2, 0.2), Word(" on", 1.2, 1.5, 0.9)])[0] == []  # now it doubts
     with pytest.raises(ValueError, match="min_probability=2"):
         LocalAgreement(2, min_probability=2)
 

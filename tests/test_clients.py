@@ -739,13 +739,14 @@ def test_library_real_time_stream_against_the_real_server(engine: Engine, jfk_wa
 
 
 @pytest.mark.real_model
-def test_en_mixed_through_the_file_client_stays_within_the_streaming_bound(engine: Engine, shared_eval: Path,
-                                                                          tmp_path: Path) -> None:
-    """The whole en_mixed stream (46 s) through the file client and the real server at real-time pace, scored
-    by the reference scorer against the offline WER of the same engine on the same audio: at most 1 point above it, plus
-    the 4 errors the scorer counts when the digit clip "two nine three four zero" is written "29340" (the
-    offline decode writes it as words only by the style its first window happened to take; see
-    benchmarks/RESULTS.md, "Why en_mixed stays above its bound")."""
+def test_en_mixed_through_the_file_client_stays_within_the_streaming_bound(shared_eval: Path, tmp_path: Path) -> None:
+    """The whole en_mixed stream (46 s) through the file client and the real server at real-time pace, in the
+    precision ``serve`` uses by default (``auto``), scored by the reference scorer against the offline WER of
+    the same engine on the same audio: at most 1 point above it. The digit clip "two nine three four zero"
+    may come out as "29340" (4 errors for the scorer): both decoders write it as words or as a number
+    depending on the punctuation of the text before it (benchmarks/RESULTS.md, "Why en_mixed depends on
+    timing"); the bound allows that style, and nothing else."""
+    engine = Engine.load("tiny.en", device="cpu", dtype="auto")
     score = scorer(shared_eval)
     wav = shared_eval / "streams" / "en_mixed.wav"
     reference = json.loads(wav.with_suffix(".json").read_text())
