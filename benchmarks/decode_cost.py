@@ -1,13 +1,15 @@
 """Where a stream's inference time goes: encoder, prefill, decoding steps and word alignment.
 
 Runs the embeddable recogniser over the first ``--seconds`` of an eval stream as fast as possible, one torch
-thread per recogniser, and prints the seconds spent in each stage of every window decode. ``--copies 2``
+thread per recogniser, and prints the seconds spent in each stage of the interim and the final window
+decodes, and how many decoder passes (prefills, token steps, draft checks, alignments) they made. ``--copies 2``
 runs two recognisers at once on two threads (both cores busy, as in the server with two workers; each
 takes a different part of the stream). ``--no-pack`` leaves the decoder's weights in their plain layout
-(see ``streaming.model.pack_weight``), for comparison.
+(see ``streaming.model.pack_weight``) and ``--no-draft`` decodes greedily without the previous partial
+as a draft (see ``streaming.decoding.DecodingOptions.draft``), for comparison.
 
 Usage: python benchmarks/decode_cost.py [--stream en_prompts] [--seconds 90] [--dtype bfloat16]
-                                        [--copies 2] [--no-pack]
+                                        [--copies 2] [--no-pack] [--no-draft]
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import argparse
 import threading
 import time
 from collections import defaultdict
+from dataclasses import replace
 
 from evalkit import load_stream, machine
 
@@ -27,19 +30,27 @@ from streaming.recognizer import Recognizer
 STAGES = {"encode_window": "encode", "_prepare": "prefill", "_decode": "decode", "_finish": "align"}
 
 
-def time_stages(totals: dict[tuple[str, str], float], counts: dict[str, int], lock: threading.Lock) -> None:
+def time_stages(engine: Engine, totals: dict[tuple[str, str], float], counts: dict[str, int],
+                lock: threading.Lock, drafts: bool = True) -> None:
     """Wrap :func:`streaming.inference.run_window` and its stages so that each stage adds its time to
-    ``totals[(kind, stage)]``, kind "interim" or "final", and each decode counts in ``counts[kind]``."""
+    ``totals[(kind, stage)]``, kind "interim" or "final"; each decode counts in ``counts[kind]`` and each
+    decoder pass in ``counts[kind + " passes"]``. ``drafts=False`` runs every request without its draft."""
     kind = threading.local()
-    run_window = recognizer.run_window
+    run_window, forward = recognizer.run_window, engine.model.decoder.forward
 
     def counted(engine, request, *args, **kwargs):
         kind.name = "final" if request.final else "interim"
         with lock:
             counts[kind.name] += 1
-        return run_window(engine, request, *args, **kwargs)
+        return run_window(engine, request if drafts else replace(request, draft=()), *args, **kwargs)
+
+    def passes(*args, **kwargs):
+        with lock:
+            counts[kind.name + " passes"] += 1
+        return forward(*args, **kwargs)
 
     recognizer.run_window = counted  # the recogniser calls it by the name it imported
+    engine.model.decoder.forward = passes
     for name, label in STAGES.items():
         original = getattr(inference, name)
 
@@ -61,6 +72,7 @@ def main() -> None:
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--copies", type=int, default=1, help="recognisers running at once, one thread each")
     parser.add_argument("--no-pack", action="store_true", help="decoder weights in their plain layout")
+    parser.add_argument("--no-draft", action="store_true", help="greedy decodes without the previous partial as draft")
     args = parser.parse_args()
     configure_threads(1)
     engine = Engine.load("tiny.en", dtype=args.dtype)
@@ -73,7 +85,7 @@ def main() -> None:
     totals: dict[tuple[str, str], float] = defaultdict(float)
     counts: dict[str, int] = defaultdict(int)
     lock = threading.Lock()
-    time_stages(totals, counts, lock)
+    time_stages(engine, totals, counts, lock, drafts=not args.no_draft)
     samples = round(args.seconds * 16000)
 
     def run(copy: int) -> None:
@@ -95,7 +107,7 @@ def main() -> None:
     print(f"# decode cost, tiny.en {engine.model.dtype}, {args.stream}, {args.copies} x {args.seconds:g} s, "
           f"{'plain' if args.no_pack else 'packed'} decoder weights, {machine()}")
     for kind in ("interim", "final"):
-        print(f"{kind:8s} {counts[kind]:4d} decodes  "
+        print(f"{kind:8s} {counts[kind]:4d} decodes {counts[kind + ' passes']:5d} decoder passes  "
               + "  ".join(f"{label} {totals[(kind, label)]:.1f} s" for label in STAGES.values()))
     print(f"inference CPU s per audio s {sum(totals.values()) / heard:.3f}  wall {wall:.1f} s")
 

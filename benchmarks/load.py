@@ -5,8 +5,10 @@ apart from the clients'. Each client streams an excerpt of a real eval stream (e
 en_mixed in turn, each client from a different utterance) at real-time pace over the protocol, stamps every
 event with the wall-clock time since its first audio sample (the ../shared/eval event-log format) and is
 scored with the reference scorer against the reference segments inside its excerpt. Per run it reports the
-WER and final-word latency over all streams, the server's CPU seconds per second of audio and its mean
-inference batch size and time per heap trim (from /metrics).
+WER and final-word latency over all streams (p90 also apart for the last word of each clip, "last", which
+the utterance's final decode commits, and the words before it, "inner", which LocalAgreement commits while
+the speaker goes on), the server's CPU seconds per second of audio and its mean inference batch size and
+time per heap trim (from /metrics).
 
 ``--windows N`` instead times ``run_windows`` on N window requests captured from a recogniser on real audio:
 one batched call against one call per request, in the same process.
@@ -67,14 +69,16 @@ def excerpt(name: str, client: int, seconds: float) -> tuple[np.ndarray, dict]:
     return audio, {**reference, "duration": round(end - begin, 3), "segments": shifted}
 
 
-def word_latencies(score, reference: dict, events: list[dict]) -> list[float]:
-    """Every correctly recognised word's final latency, as score.py defines it (with its own functions)."""
+def word_latencies(score, reference: dict, events: list[dict]) -> list[tuple[float, bool]]:
+    """Every correctly recognised word's final latency, as score.py defines it (with its own functions), and
+    whether the word is the last of its clip (committed at the utterance's end, by its final decode)."""
     lang = reference.get("language", "en")
-    ref, ref_end = [], []
+    ref, ref_end, ref_last = [], [], []
     for s in reference["segments"]:
         words = score.normalize(s["text"], lang)
         ref += words
         ref_end += [s["start"] + (s["end"] - s["start"]) * (k + 1) / len(words) for k in range(len(words))]
+        ref_last += [k == len(words) - 1 for k in range(len(words))]
     hyp, hyp_t = [], []
     for e in events:
         if e["type"] == "final":
@@ -82,7 +86,8 @@ def word_latencies(score, reference: dict, events: list[dict]) -> list[float]:
             hyp += words
             hyp_t += [e["t"]] * len(words)
     _, pairs = score.align(ref, hyp)
-    return [hyp_t[j] - ref_end[i] for i, j in pairs if i is not None and j is not None and ref[i] == hyp[j]]
+    return [(hyp_t[j] - ref_end[i], ref_last[i])
+            for i, j in pairs if i is not None and j is not None and ref[i] == hyp[j]]
 
 
 # ------------------------------------------------------------------------------------------- the server
@@ -174,7 +179,7 @@ def load_run(server: ServerProcess, n: int, seconds: float, out: Path) -> dict[s
     delta = {k: after[k] - before.get(k, 0.0) for k in after}
     score = scorer()
     errors = words = 0
-    latencies: list[float] = []
+    latencies: list[tuple[float, bool]] = []
     out.mkdir(parents=True, exist_ok=True)
     admitted = [(excerpt, events) for excerpt, events in zip(excerpts, logs) if events is not None]
     for i, ((_, reference), events) in enumerate(admitted):
@@ -183,7 +188,10 @@ def load_run(server: ServerProcess, n: int, seconds: float, out: Path) -> dict[s
         errors, words = errors + result["errors"], words + result["words"]
         latencies += word_latencies(score, reference, events)
     audio_seconds = sum(len(a) for (a, _), _ in admitted) / SR
-    return {"wer": errors / max(words, 1), "p50": score.pct(latencies, 0.5), "p90": score.pct(latencies, 0.9),
+    every = [t for t, _ in latencies]
+    return {"wer": errors / max(words, 1), "p50": score.pct(every, 0.5), "p90": score.pct(every, 0.9),
+            "p90_last": score.pct([t for t, last in latencies if last], 0.9),
+            "p90_inner": score.pct([t for t, last in latencies if not last], 0.9),
             "cpu_per_audio": cpu / audio_seconds, "decodes": delta["whisper_stream_inference_requests_total"],
             "mean_batch": delta["whisper_stream_batch_size_sum"] / max(delta["whisper_stream_batch_size_count"], 1),
             "trim_ms": 1000 * delta["whisper_stream_heap_trim_seconds_total"]
@@ -275,7 +283,8 @@ def main() -> None:
     print(f"# load, {args.model}, {args.seconds:g} s per stream, server workers {args.workers or 'default'}, threads "
           f"{args.threads or 'default'}, dtype {args.dtype or 'default'}, "
           f"max utilization {args.max_utilization or 'off'}, {args.server_args or 'no other flags'}, {machine()}")
-    print(f"{'streams':>7} {'admitted':>8} {'batch':>5} {'WER %':>6} {'p50 s':>6} {'p90 s':>6} {'cpu s/audio s':>13} "
+    print(f"{'streams':>7} {'admitted':>8} {'batch':>5} {'WER %':>6} {'p50 s':>6} {'p90 s':>6} {'last':>5} "
+          f"{'inner':>5} {'cpu s/audio s':>13} "
           f"{'mean batch':>10} {'decodes':>7} {'wall s':>6} {'ms/heap trim':>12}")
     for max_batch in args.max_batch:
         server = ServerProcess(args.model, args.threads, args.workers, max_batch, args.max_utilization, args.dtype,
@@ -284,7 +293,8 @@ def main() -> None:
             for n in args.streams:
                 r = load_run(server, n, args.seconds, Path(args.out) / f"streams{n}-batch{max_batch}")
                 print(f"{n:>7} {r['admitted']:>8} {max_batch:>5} {100 * r['wer']:6.1f} {r['p50'] or 0:6.2f} "
-                      f"{r['p90'] or 0:6.2f} {r['cpu_per_audio']:13.3f} {r['mean_batch']:10.2f} "
+                      f"{r['p90'] or 0:6.2f} {r['p90_last'] or 0:5.2f} {r['p90_inner'] or 0:5.2f} "
+                      f"{r['cpu_per_audio']:13.3f} {r['mean_batch']:10.2f} "
                       f"{r['decodes']:7.0f} {r['wall']:6.0f} {r['trim_ms']:12.1f}",
                       flush=True)
         finally:
