@@ -5,7 +5,7 @@ end, the decode time per window and the process memory: they must stay flat (no 
 cache). The stream runs as fast as possible, so latency here is algorithmic (audio time fed when the final
 is produced); stream_eval.py measures latency in real time.
 
-Usage: python benchmarks/long_stream.py [--minutes 30] [--threads 1]
+Usage: python benchmarks/long_stream.py [--minutes 30] [--threads 1] [--dtype auto]
 """
 
 from __future__ import annotations
@@ -33,9 +33,10 @@ def main() -> None:
     parser.add_argument("--minutes", type=float, default=30.0)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--report-minutes", type=float, default=5.0)
+    parser.add_argument("--dtype", default="auto", help="auto (default, what serve uses), float32 or bfloat16")
     args = parser.parse_args()
     configure_threads(args.threads)
-    engine = Engine.load("tiny.en")
+    engine = Engine.load("tiny.en", dtype=args.dtype)
     pieces = [load_stream(name) for name in ("en_prompts", "en_mixed", "noise_only")]
     total = int(args.minutes * 60 * 16000)
     chunks: list[np.ndarray] = []
@@ -61,7 +62,8 @@ def main() -> None:
                 rows.append((now, now - event.end, rss_mb()))
         if sent % (16000 * 60) < CHUNK:
             print(f"\r{now / 60:5.1f}/{args.minutes:.0f} min", end="", flush=True)
-    print(f"\r{len(audio) / 16000 / 60:.1f} min of audio in {time.perf_counter() - started:.0f} s; {machine()}")
+    print(f"\r{len(audio) / 16000 / 60:.1f} min of audio in {time.perf_counter() - started:.0f} s; "
+          f"{str(engine.model.dtype).removeprefix('torch.')}; {machine()}")
     span = args.report_minutes * 60
     end = len(audio) / 16000
     print(f"{'window':<14} {'finals':>6} {'lat p50':>8} {'lat p90':>8} {'decode ms p50':>14} {'RSS MB':>8}")
