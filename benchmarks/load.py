@@ -15,6 +15,7 @@ one batched call against one call per request, in the same process.
 
 Usage: python benchmarks/load.py [--streams 1 2 4 8 16] [--max-batch 8 1] [--seconds 60] [--workers 2]
                                  [--threads N] [--dtype bfloat16] [--max-utilization 0.8]
+                                 [--start-options '{"min_chunk": 1.0}']
        python benchmarks/load.py --windows 8 [--repeats 5]
        python benchmarks/load.py --offline --streams 4 8 16 --seconds 30   (offline WER of the same audio)
 """
@@ -135,7 +136,7 @@ class ServerProcess:
 # ------------------------------------------------------------------------------------------- the clients
 
 
-async def client(url: str, audio: np.ndarray, delay: float) -> list[dict] | None:
+async def client(url: str, audio: np.ndarray, delay: float, options: dict) -> list[dict] | None:
     """Stream ``audio`` in real time after ``delay`` seconds; the final and partial events, stamped (None:
     the server refused the stream as overloaded or at capacity)."""
     await asyncio.sleep(delay)
@@ -154,7 +155,7 @@ async def client(url: str, audio: np.ndarray, delay: float) -> list[dict] | None
                            "text": message["text"]})
 
     try:
-        await stream_audio(url, chunks(), speed=1.0, on_event=record)
+        await stream_audio(url, chunks(), speed=1.0, start_options=options, on_event=record)
     except ClientError as exc:
         if exc.code not in ("overloaded", "capacity"):
             raise
@@ -162,18 +163,18 @@ async def client(url: str, audio: np.ndarray, delay: float) -> list[dict] | None
     return events
 
 
-async def run_clients(url: str, excerpts: list[tuple[np.ndarray, dict]]) -> list[list[dict] | None]:
+async def run_clients(url: str, excerpts: list[tuple[np.ndarray, dict]], options: dict) -> list[list[dict] | None]:
     delays = [(0.37 * i) % 1.0 for i in range(len(excerpts))]  # streams out of step, as real ones are
-    return list(await asyncio.gather(*(client(url, a, d) for (a, _), d in zip(excerpts, delays))))
+    return list(await asyncio.gather(*(client(url, a, d, options) for (a, _), d in zip(excerpts, delays))))
 
 
-def load_run(server: ServerProcess, n: int, seconds: float, out: Path) -> dict[str, float]:
+def load_run(server: ServerProcess, n: int, seconds: float, out: Path, options: dict) -> dict[str, float]:
     """N streams at once against ``server``; the pooled scores and the server's share of the work. The
     event logs go to ``out``/client-I.jsonl."""
     excerpts = [excerpt(STREAMS[i % len(STREAMS)], i // len(STREAMS), seconds) for i in range(n)]
     before, cpu = server.metrics(), server.cpu_seconds()
     started = time.perf_counter()
-    logs = asyncio.run(run_clients(f"ws://127.0.0.1:{server.port}/v1/listen", excerpts))
+    logs = asyncio.run(run_clients(f"ws://127.0.0.1:{server.port}/v1/listen", excerpts, options))
     wall = time.perf_counter() - started
     cpu, after = server.cpu_seconds() - cpu, server.metrics()
     delta = {k: after[k] - before.get(k, 0.0) for k in after}
@@ -266,6 +267,8 @@ def main() -> None:
     parser.add_argument("--max-utilization", type=float, default=0.0,
                         help="the server's admission limit (default 0: off, every stream is admitted)")
     parser.add_argument("--server-args", default="", help="more `serve` flags, e.g. '--heap-trim-seconds 0'")
+    parser.add_argument("--start-options", type=json.loads, default={},
+                        help='fields for every client\'s start message, e.g. \'{"min_chunk": 1.0}\'')
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "out" / "load"))
     parser.add_argument("--windows", type=int, default=0, help="time run_windows on this many requests instead")
     parser.add_argument("--repeats", type=int, default=5)
@@ -282,7 +285,8 @@ def main() -> None:
         return
     print(f"# load, {args.model}, {args.seconds:g} s per stream, server workers {args.workers or 'default'}, threads "
           f"{args.threads or 'default'}, dtype {args.dtype or 'default'}, "
-          f"max utilization {args.max_utilization or 'off'}, {args.server_args or 'no other flags'}, {machine()}")
+          f"max utilization {args.max_utilization or 'off'}, {args.server_args or 'no other flags'}, "
+          f"start options {json.dumps(args.start_options) if args.start_options else 'none'}, {machine()}")
     print(f"{'streams':>7} {'admitted':>8} {'batch':>5} {'WER %':>6} {'p50 s':>6} {'p90 s':>6} {'last':>5} "
           f"{'inner':>5} {'cpu s/audio s':>13} "
           f"{'mean batch':>10} {'decodes':>7} {'wall s':>6} {'ms/heap trim':>12}")
@@ -291,7 +295,8 @@ def main() -> None:
                                Path(args.out) / f"server-batch{max_batch}.log", tuple(shlex.split(args.server_args)))
         try:
             for n in args.streams:
-                r = load_run(server, n, args.seconds, Path(args.out) / f"streams{n}-batch{max_batch}")
+                r = load_run(server, n, args.seconds, Path(args.out) / f"streams{n}-batch{max_batch}",
+                             args.start_options)
                 print(f"{n:>7} {r['admitted']:>8} {max_batch:>5} {100 * r['wer']:6.1f} {r['p50'] or 0:6.2f} "
                       f"{r['p90'] or 0:6.2f} {r['p90_last'] or 0:5.2f} {r['p90_inner'] or 0:5.2f} "
                       f"{r['cpu_per_audio']:13.3f} {r['mean_batch']:10.2f} "
