@@ -104,7 +104,7 @@ def main() -> None:
         thread.join()
     wall = time.perf_counter() - started
     heard = args.copies * args.seconds
-    print(f"# decode cost, tiny.en {engine.model.dtype}, {args.stream}, {args.copies} x {args.seconds:g} s, "
+    print(f"# decode cost, tiny.en {engine.dtype_name}, {args.stream}, {args.copies} x {args.seconds:g} s, "
           f"{'plain' if args.no_pack else 'packed'} decoder weights, {machine()}")
     for kind in ("interim", "final"):
         print(f"{kind:8s} {counts[kind]:4d} decodes {counts[kind + ' passes']:5d} decoder passes  "

@@ -63,7 +63,7 @@ def main() -> None:
         if sent % (16000 * 60) < CHUNK:
             print(f"\r{now / 60:5.1f}/{args.minutes:.0f} min", end="", flush=True)
     print(f"\r{len(audio) / 16000 / 60:.1f} min of audio in {time.perf_counter() - started:.0f} s; "
-          f"{str(engine.model.dtype).removeprefix('torch.')}; {machine()}")
+          f"{engine.dtype_name}; {machine()}")
     span = args.report_minutes * 60
     end = len(audio) / 16000
     print(f"{'window':<14} {'finals':>6} {'lat p50':>8} {'lat p90':>8} {'decode ms p50':>14} {'RSS MB':>8}")

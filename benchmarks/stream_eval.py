@@ -117,8 +117,7 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     score = scorer().score
-    dtype = str(engine.model.dtype).removeprefix("torch.")
-    print(f"# streaming, {args.model} {dtype}, speed {args.speed or 'max'}, {args.threads} thread(s), "
+    print(f"# streaming, {args.model} {engine.dtype_name}, speed {args.speed or 'max'}, {args.threads} thread(s), "
           f"min_chunk "
           f"{args.min_chunk}, LocalAgreement-{args.agreement}, margin {args.commit_margin} s, "
           f"min p {args.commit_probability}, "

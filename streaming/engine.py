@@ -67,6 +67,11 @@ class Engine:
     def n_mels(self) -> int:
         return self.model.dims.n_mels
 
+    @property
+    def dtype_name(self) -> str:
+        """The weights' precision as its flag spells it: "float32", "bfloat16" or "float16"."""
+        return str(self.model.dtype).removeprefix("torch.")
+
     @lru_cache(maxsize=256)  # noqa: B019 - engines live as long as the process
     def tokenizer(self, language: str | None = None, task: str = "transcribe") -> Tokenizer:
         """The tokenizer for a language and task (English-only models ignore both)."""

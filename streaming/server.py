@@ -163,7 +163,7 @@ class Server:
                                         on_trim=self.metrics.observe_heap_trim)
             self._trimmer.start()
         log.info("listening on %s (model %s, %s, at most %d streams)", self.url, self.info.model,
-                 str(getattr(getattr(self.engine, "model", None), "dtype", "?")).removeprefix("torch."),
+                 getattr(self.engine, "dtype_name", "?"),
                  self.config.max_streams)
 
     @property
