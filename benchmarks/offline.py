@@ -1,9 +1,10 @@
 """Offline accuracy and speed of our engine next to faster-whisper, on the eval streams.
 
 Usage: python benchmarks/offline.py [--streams en_prompts en_mixed] [--beam-size 5] [--threads 2]
-                                   [--start 0 23 32] [--show-text] [--dtype bfloat16]
-Each engine runs in its own process so that peak memory (max RSS) is its own. ``--dtype`` applies to our
-engine (default float32; ``auto`` is what ``serve`` uses). ``--start`` transcribes
+                                   [--start 0 23 32] [--show-text] [--dtype bfloat16] [--model base]
+Each engine runs in its own process so that peak memory (max RSS) is its own. ``--dtype`` and ``--model``
+apply to our engine (default float32 and tiny.en; ``auto`` is what ``serve`` uses); faster-whisper runs
+tiny.en. ``--start`` transcribes
 each stream from those seconds on (cut in the silence before a clip; scored against the clips after it).
 """
 
@@ -19,7 +20,8 @@ import time
 from evalkit import load_stream, machine, score_text
 
 
-def run_engine(engine: str, stream: str, beam: int, threads: int, start: float = 0.0, dtype: str = "float32") -> dict:
+def run_engine(engine: str, stream: str, beam: int, threads: int, start: float = 0.0, dtype: str = "float32",
+               model_name: str = "tiny.en") -> dict:
     audio, reference = load_stream(stream)
     audio = audio[round(start * 16000):]
     reference = dict(reference, segments=[s for s in reference["segments"] if s["start"] >= start])
@@ -28,7 +30,7 @@ def run_engine(engine: str, stream: str, beam: int, threads: int, start: float =
         from streaming.transcribe import TranscribeOptions, transcribe
 
         configure_threads(threads)
-        model = Engine.load("tiny.en", dtype=dtype)
+        model = Engine.load(model_name, dtype=dtype)
         started = time.perf_counter()
         text = transcribe(model, audio, TranscribeOptions(beam_size=beam, best_of=beam)).text
     else:
@@ -64,20 +66,22 @@ def main() -> None:
                         help="transcribe from these seconds of each stream on (default: 0)")
     parser.add_argument("--show-text", action="store_true", help="print each transcript")
     parser.add_argument("--dtype", default="float32", help="our engine's dtype: float32, bfloat16 or auto")
+    parser.add_argument("--model", default="tiny.en", help="our engine's model (faster-whisper runs tiny.en)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         print(json.dumps(run_engine(args.engines[0], args.streams[0], args.beam_size, args.threads, args.start[0],
-                                    args.dtype)))
+                                    args.dtype, args.model)))
         return
-    print(f"# offline, tiny.en, beam {args.beam_size}, {args.threads} threads, our dtype {args.dtype}, {machine()}")
+    print(f"# offline, our model {args.model}, beam {args.beam_size}, {args.threads} threads, our dtype {args.dtype}, "
+          f"{machine()}")
     print(f"{'stream':<12} {'from s':>6} {'engine':<24} {'words':>5} {'WER %':>6} {'RTF':>7} {'peak MB':>8}")
     for stream in args.streams:
         for start in args.start:
             for engine in args.engines:
                 cmd = [sys.executable, __file__, "--child", "--engines", engine, "--streams", stream,
                        "--beam-size", str(args.beam_size), "--threads", str(args.threads), "--start", str(start),
-                       "--dtype", args.dtype]
+                       "--dtype", args.dtype, "--model", args.model]
                 proc = subprocess.run(cmd, capture_output=True, text=True)
                 if proc.returncode != 0:
                     print(f"{stream:<12} {start:6g} {engine:<24} failed: {proc.stderr.strip().splitlines()[-1:]}")
