@@ -7,8 +7,9 @@ event with the wall-clock time since its first audio sample (the ../shared/eval 
 scored with the reference scorer against the reference segments inside its excerpt. Per run it reports the
 WER and final-word latency over all streams (p90 also apart for the last word of each clip, "last", which
 the utterance's final decode commits, and the words before it, "inner", which LocalAgreement commits while
-the speaker goes on), the server's CPU seconds per second of audio and its mean inference batch size and
-time per heap trim (from /metrics).
+the speaker goes on), the server's CPU seconds per second of audio, and from /metrics the time its
+inference workers were busy per second of audio (the rest of the CPU is the event loop: protocol, VAD,
+resampling), its mean inference batch size and time per heap trim.
 
 ``--windows N`` instead times ``run_windows`` on N window requests captured from a recogniser on real audio:
 one batched call against one call per request, in the same process.
@@ -193,7 +194,9 @@ def load_run(server: ServerProcess, n: int, seconds: float, out: Path, options: 
     return {"wer": errors / max(words, 1), "p50": score.pct(every, 0.5), "p90": score.pct(every, 0.9),
             "p90_last": score.pct([t for t, last in latencies if last], 0.9),
             "p90_inner": score.pct([t for t, last in latencies if not last], 0.9),
-            "cpu_per_audio": cpu / audio_seconds, "decodes": delta["whisper_stream_inference_requests_total"],
+            "cpu_per_audio": cpu / audio_seconds,
+            "busy_per_audio": delta["whisper_stream_inference_busy_seconds_total"] / audio_seconds,
+            "decodes": delta["whisper_stream_inference_requests_total"],
             "mean_batch": delta["whisper_stream_batch_size_sum"] / max(delta["whisper_stream_batch_size_count"], 1),
             "trim_ms": 1000 * delta["whisper_stream_heap_trim_seconds_total"]
             / max(delta["whisper_stream_heap_trims_total"], 1),
@@ -288,7 +291,7 @@ def main() -> None:
           f"max utilization {args.max_utilization or 'off'}, {args.server_args or 'no other flags'}, "
           f"start options {json.dumps(args.start_options) if args.start_options else 'none'}, {machine()}")
     print(f"{'streams':>7} {'admitted':>8} {'batch':>5} {'WER %':>6} {'p50 s':>6} {'p90 s':>6} {'last':>5} "
-          f"{'inner':>5} {'cpu s/audio s':>13} "
+          f"{'inner':>5} {'cpu s/audio s':>13} {'infer s/audio s':>15} "
           f"{'mean batch':>10} {'decodes':>7} {'wall s':>6} {'ms/heap trim':>12}")
     for max_batch in args.max_batch:
         server = ServerProcess(args.model, args.threads, args.workers, max_batch, args.max_utilization, args.dtype,
@@ -299,7 +302,7 @@ def main() -> None:
                              args.start_options)
                 print(f"{n:>7} {r['admitted']:>8} {max_batch:>5} {100 * r['wer']:6.1f} {r['p50'] or 0:6.2f} "
                       f"{r['p90'] or 0:6.2f} {r['p90_last'] or 0:5.2f} {r['p90_inner'] or 0:5.2f} "
-                      f"{r['cpu_per_audio']:13.3f} {r['mean_batch']:10.2f} "
+                      f"{r['cpu_per_audio']:13.3f} {r['busy_per_audio']:15.3f} {r['mean_batch']:10.2f} "
                       f"{r['decodes']:7.0f} {r['wall']:6.0f} {r['trim_ms']:12.1f}",
                       flush=True)
         finally:

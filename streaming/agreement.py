@@ -41,8 +41,10 @@ class LocalAgreement:
     can be decoded the same way twice, and is not final until audio after it confirms it. With a
     ``min_probability``, agreement stops at a word that the newest hypothesis, which heard the most audio,
     gives a lower probability: an unsure word waits for more audio (or the decode at the end of the
-    utterance). An older hypothesis's doubt does not hold it back: the first word of an utterance is often
-    unsure until the words after it are heard.
+    utterance). An older hypothesis's doubt does not hold a word back, except the first word committed
+    since :meth:`reset` (an utterance's first word): with no text before it, an early guess that just
+    passes the floor ("Mark" for "Marque" at 0.31 after 0.29) is wrong too often, and a wrong first word
+    also misleads the decode of the rest, which has to follow it.
     """
 
     def __init__(self, n: int = 2, margin: float = 0.0, min_probability: float = 0.0) -> None:
@@ -54,6 +56,7 @@ class LocalAgreement:
             raise ValueError(f"min_probability={min_probability!r} is out of range; allowed: 0 to 1")
         self.margin, self.min_probability = margin, min_probability
         self._history: deque[tuple[list[Word], float]] = deque(maxlen=n)
+        self._started = False  # a word was committed since the last reset
 
     def update(self, hypothesis: list[Word], heard_until: float = float("inf")) -> tuple[list[Word], list[Word]]:
         """Add the newest hypothesis, decoded from audio up to ``heard_until`` (stream seconds); return
@@ -67,9 +70,11 @@ class LocalAgreement:
         for column in zip(*(keys(h) for h, _ in self._history)):
             if any(key != column[0] for key in column) or oldest[agreed].end > oldest_heard - self.margin:
                 break
-            if hypothesis[agreed].probability < self.min_probability:
+            checked = [hypothesis] if self._started or agreed else [h for h, _ in self._history]
+            if any(h[agreed].probability < self.min_probability for h in checked):
                 break
             agreed += 1
+        self._started = self._started or agreed > 0
         for i, (h, heard) in enumerate(self._history):
             self._history[i] = (h[agreed:], heard)
         return hypothesis[:agreed], hypothesis[agreed:]
@@ -88,3 +93,4 @@ class LocalAgreement:
     def reset(self) -> None:
         """Forget all stored hypotheses."""
         self._history.clear()
+        self._started = False

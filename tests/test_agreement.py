@@ -56,6 +56,20 @@ def test_an_unsure_word_stops_agreement_until_it_is_sure() -> None:
         LocalAgreement(2, min_probability=2)
 
 
+def test_the_first_word_since_reset_must_be_sure_in_every_hypothesis() -> None:
+    la = LocalAgreement(2, min_probability=0.3)
+    la.update([Word(" Mark", 0.0, 0.3, 0.29), Word(" three", 0.3, 0.6, 0.8)])
+    committed, partial = la.update([Word(" Mark", 0.0, 0.3, 0.31), Word(" three", 0.3, 0.6, 0.8)])
+    assert committed == [] and text(partial) == " Mark three"  # the older hypothesis doubted it
+    committed, _ = la.update([Word(" Mark", 0.0, 0.3, 0.6), Word(" three", 0.3, 0.6, 0.8)])
+    assert text(committed) == " Mark three"  # both sure now; after it, only the newest hypothesis counts
+    la.update([Word(" to", 0.6, 0.9, 0.2)])
+    assert text(la.update([Word(" to", 0.6, 0.9, 0.5)])[0]) == " to"
+    la.reset()  # a new utterance: its first word is checked in both hypotheses again
+    la.update([Word(" What", 0.0, 0.3, 0.28)])
+    assert la.update([Word(" What", 0.0, 0.3, 0.48)])[0] == []
+
+
 def test_without_margin_a_word_at_the_window_end_is_committed() -> None:
     la = LocalAgreement(2)
     la.update(words("call for"), heard_until=1.05)
