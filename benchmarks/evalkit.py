@@ -13,6 +13,10 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
+# Benchmarks run the package of their own checkout, not the one pip installed in editable mode: a second
+# checkout of an older commit, run for an old-against-new comparison, would otherwise measure today's code.
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
 EVAL = Path(os.environ.get("WHISPER_STREAM_EVAL", ROOT.parent / "shared" / "eval"))
 STREAMS = EVAL / "streams"
 

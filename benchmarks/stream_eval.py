@@ -104,6 +104,7 @@ def main() -> None:
     parser.add_argument("--debug-log", default=None, help="write the recogniser's debug log here")
     args = parser.parse_args()
     if args.debug_log:
+        Path(args.debug_log).parent.mkdir(parents=True, exist_ok=True)
         logging.basicConfig(filename=args.debug_log, level=logging.DEBUG, filemode="w")
     configure_threads(args.threads)
     engine = Engine.load(args.model, dtype=args.dtype)
