@@ -107,7 +107,8 @@ class Scheduler:
             job.abandoned = True
 
     def close(self, timeout: float | None = None) -> None:
-        """Stop the workers after the batches they are running; requests still queued fail with RuntimeError."""
+        """Stop the workers after the batches they are running; requests still queued fail with RuntimeError.
+        A runner with a ``close`` method is closed too."""
         with self._ready:
             if self._closed:
                 return
@@ -122,6 +123,9 @@ class Scheduler:
             self._interims.clear()
         for job in left:
             job.deliver(RuntimeError(CLOSED_BEFORE_RUN))
+        close_runner = getattr(self._runner, "close", None)  # e.g. a ProcessRunner's child processes
+        if close_runner is not None:
+            close_runner()
 
     # --- worker thread -------------------------------------------------------------------------------
 

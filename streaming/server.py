@@ -48,7 +48,7 @@ from .protocol import (
     refusal,
     warning_message,
 )
-from .scheduler import Scheduler
+from .scheduler import Runner, Scheduler
 
 log = logging.getLogger(__name__)
 
@@ -129,10 +129,13 @@ class RefusalLog:
 
 
 class Server:
-    """The streaming server on one engine: ``async with Server(engine, config) as server: server.port``."""
+    """The streaming server on one engine: ``async with Server(engine, config) as server: server.port``.
+    ``runner`` replaces the scheduler's (e.g. a :class:`streaming.workers.ProcessRunner`); the server
+    closes it when it stops."""
 
-    def __init__(self, engine: Any, config: ServerConfig = ServerConfig()):
+    def __init__(self, engine: Any, config: ServerConfig = ServerConfig(), runner: Runner | None = None):
         self.engine = engine
+        self._runner = runner
         self.config = config
         self.metrics = Metrics()
         self.info = EngineInfo(engine.name, engine.multilingual)
@@ -146,8 +149,9 @@ class Server:
 
     async def start(self) -> None:
         """Start the inference worker and listen; ``port`` tells the bound port (config port 0: any free)."""
+        runner = {} if self._runner is None else {"runner": self._runner}
         self._scheduler = Scheduler(self.engine, self.config.max_batch, self.config.max_wait_ms, self.metrics,
-                                    workers=self.config.workers, on_busy=self.admission.record_busy)
+                                    workers=self.config.workers, on_busy=self.admission.record_busy, **runner)
         # Messages up to twice the limit are read so that the session can answer frame_too_large;
         # larger ones are cut off by websockets with close code 1009.
         try:
@@ -513,7 +517,8 @@ def _peer(ws: ServerConnection) -> str:
     return f"{address[0]}:{address[1]}" if isinstance(address, tuple) else str(address)
 
 
-async def run_server(engine: Any, config: ServerConfig, stop: asyncio.Event | None = None) -> int:
+async def run_server(engine: Any, config: ServerConfig, stop: asyncio.Event | None = None,
+                     runner: Runner | None = None) -> int:
     """Serve until SIGTERM/SIGINT (or ``stop`` is set), then drain for ``config.drain_seconds``; returns 0."""
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -521,7 +526,7 @@ async def run_server(engine: Any, config: ServerConfig, stop: asyncio.Event | No
     for sig in signals:
         loop.add_signal_handler(sig, stop.set)
     try:
-        async with Server(engine, config) as server:
+        async with Server(engine, config, runner) as server:
             await stop.wait()
             log.info("shutting down: draining %d open stream(s) (up to %g s)", server.active_streams,
                      config.drain_seconds)
@@ -551,14 +556,28 @@ def serve_command(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"whisper-stream: {exc}", file=sys.stderr)
         return 2
-    configure_threads(args.threads or max(1, min(os.cpu_count() or 1, 4) // config.workers))
+    torch_threads = configure_threads(args.threads or max(1, min(os.cpu_count() or 1, 4) // config.workers))
     try:
         engine = Engine.load(args.model, device=args.device, dtype=args.dtype)
     except ModelLoadError as exc:
         print(f"whisper-stream: {exc}", file=sys.stderr)
         return 2
+    runner = None
+    if args.worker_processes:
+        from .workers import ProcessRunner
+
+        if engine.model.device.type != "cpu":
+            print("whisper-stream: --worker-processes runs on CPU only; drop it or --device", file=sys.stderr)
+            return 2
+        log.info("starting %d inference processes", config.workers)
+        try:
+            runner = ProcessRunner(args.model, engine.dtype_name, config.workers,
+                                   threads=torch_threads, heap_trim_seconds=config.heap_trim_seconds)
+        except RuntimeError as exc:
+            print(f"whisper-stream: {exc}", file=sys.stderr)
+            return 2
     try:
-        return asyncio.run(run_server(engine, config))
+        return asyncio.run(run_server(engine, config, runner=runner))
     except OSError as exc:
         print(f"whisper-stream: cannot listen on {args.host}:{args.port}: {exc}", file=sys.stderr)
         return 2

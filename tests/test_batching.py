@@ -6,6 +6,9 @@ up to float rounding (reordered sums in batched matrix products).
 
 from __future__ import annotations
 
+import asyncio
+import os
+import signal
 import wave
 from dataclasses import replace
 from pathlib import Path
@@ -255,3 +258,61 @@ def test_only_final_decodes_fall_back_to_sampling(engine, requests, monkeypatch,
         assert interim and all(t == (0.0,) for t in interim)
     assert [t for final, t in calls if final] == [FallbackPolicy().temperatures]
     assert all(not isinstance(r, Exception) for r in replies)
+
+
+@pytest.mark.real_model
+def test_worker_processes_reply_as_decoding_in_this_process(engine, requests) -> None:
+    from streaming.scheduler import Scheduler
+    from streaming.workers import ProcessRunner
+
+    greedy = [r for r in requests if not r.final]  # a final decode may sample: its draws differ by process
+    expected = run_windows(engine, greedy)
+    runner = ProcessRunner("tiny.en", engine.dtype_name, workers=2, threads=1, heap_trim_seconds=0.5)
+    children = [running_check(pid) for pid in runner.pids]
+    scheduler = Scheduler(engine, max_batch=4, runner=runner, workers=2)
+
+    async def submit_all() -> list[WindowReply]:
+        return list(await asyncio.gather(*(scheduler.submit(r) for r in greedy)))
+
+    try:
+        replies = asyncio.run(submit_all())
+    finally:
+        scheduler.close()
+    for reply, alone in zip(replies, expected, strict=True):
+        assert_same_reply(reply, alone)
+    assert not any(alive() for alive in children)  # closing the scheduler stopped the children
+
+
+@pytest.mark.real_model
+def test_a_worker_process_that_dies_fails_its_batch_and_is_replaced(engine, requests) -> None:
+    from streaming.workers import ProcessRunner
+
+    runner = ProcessRunner("tiny.en", engine.dtype_name, workers=1, threads=1, heap_trim_seconds=0)
+    try:
+        [pid] = runner.pids
+        os.kill(pid, signal.SIGKILL)
+        [failed] = list(runner(None, [requests[0]]))
+        assert isinstance(failed, RuntimeError) and "died" in str(failed)
+        assert runner.pids != [pid]
+        [reply] = list(runner(None, [requests[0]]))
+        assert_same_reply(reply, run_window(engine, requests[0]))
+    finally:
+        runner.close()
+
+
+def test_worker_processes_name_a_model_that_does_not_load() -> None:
+    from streaming.workers import ProcessRunner
+
+    with pytest.raises(RuntimeError, match="could not load the model: .*no-such-model"):
+        ProcessRunner("/no-such-model", "float32", workers=1)
+
+
+def running_check(pid: int):
+    """A check whether process ``pid`` still runs (and is not a zombie), from /proc."""
+    def alive() -> bool:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+        except OSError:
+            return False
+    return alive
