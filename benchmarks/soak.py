@@ -9,7 +9,8 @@ mid-stream without ``stop``. Refusals (``capacity``/``overloaded``) are counted 
 Phases: a warm-up under load, a pause until the server has no stream open (the idle *baseline* sample),
 then the main run until ``--audio-hours`` of audio were sent or ``--minutes`` of wall time passed (whichever
 comes first), cut into ``--segments`` load phases each followed by such an idle sample (the last one is the
-*end*). Every ``--interval`` seconds under load it samples the server's RSS, open file descriptors and
+*end*). Every ``--interval`` seconds under load it samples the RSS of the server and its child processes
+(the inference processes of ``--worker-processes``), the server's open file descriptors and
 threads (/proc/PID/status, /proc/PID/fd) with the streams completed and the final latency: for each
 ``final``, the wall time from sending the audio at its end to receiving it (the clients send faster than the
 server transcribes, so this includes the backlog). It prints a row per sample and a summary with a verdict:
@@ -134,10 +135,11 @@ class ServerProcess:
                 self.logged[kind] += needle in line
 
     def sample(self) -> dict[str, float]:
-        """RSS (MB), open file descriptors and threads of the server process."""
+        """RSS (MB) of the server process and its children (the inference processes of
+        ``--worker-processes``), and the server process's open file descriptors and threads."""
         status = Path(f"/proc/{self.pid}/status").read_text()
-        rss_kb = int(re.search(r"^VmRSS:\s+(\d+)", status, re.M).group(1))
         threads = int(re.search(r"^Threads:\s+(\d+)", status, re.M).group(1))
+        rss_kb = sum(_rss_kb(pid) for pid in [self.pid, *_children(self.pid)])
         return {"rss_mb": round(rss_kb / 1024, 1), "fds": len(os.listdir(f"/proc/{self.pid}/fd")),
                 "threads": threads}
 
@@ -162,6 +164,27 @@ class ServerProcess:
 
 
 # --- the clients ------------------------------------------------------------------------------------
+
+
+def _rss_kb(pid: int) -> int:
+    """VmRSS of process ``pid`` in kB (0 once it has exited)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return 0
+    found = re.search(r"^VmRSS:\s+(\d+)", status, re.M)
+    return int(found.group(1)) if found else 0
+
+
+def _children(pid: int) -> list[int]:
+    """The child processes of ``pid`` (from /proc/PID/task/TID/children)."""
+    children: list[int] = []
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            children += [int(child) for child in Path(f"/proc/{pid}/task/{tid}/children").read_text().split()]
+        except OSError:
+            pass
+    return children
 
 
 def load_audio(eval_dir: Path) -> dict[str, bytes]:
