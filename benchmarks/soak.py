@@ -99,6 +99,31 @@ class Tally:
 # --- the server process -----------------------------------------------------------------------------
 
 
+def _status_field(status: str, name: str) -> int:
+    """An integer field (e.g. VmRSS in kB, Threads) of a /proc/PID/status text; 0 where it is missing."""
+    found = re.search(rf"^{name}:\s+(\d+)", status, re.M)
+    return int(found.group(1)) if found else 0
+
+
+def _rss_kb(pid: int) -> int:
+    """VmRSS of process ``pid`` in kB (0 once it has exited)."""
+    try:
+        return _status_field(Path(f"/proc/{pid}/status").read_text(), "VmRSS")
+    except OSError:
+        return 0
+
+
+def _children(pid: int) -> list[int]:
+    """The child processes of ``pid`` (from /proc/PID/task/TID/children)."""
+    children: list[int] = []
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            children += [int(child) for child in Path(f"/proc/{pid}/task/{tid}/children").read_text().split()]
+        except OSError:
+            pass
+    return children
+
+
 class ServerProcess:
     """``whisper-stream serve`` on a free port; its stderr goes to a log file."""
 
@@ -138,10 +163,9 @@ class ServerProcess:
         """RSS (MB) of the server process and its children (the inference processes of
         ``--worker-processes``), and the server process's open file descriptors and threads."""
         status = Path(f"/proc/{self.pid}/status").read_text()
-        threads = int(re.search(r"^Threads:\s+(\d+)", status, re.M).group(1))
-        rss_kb = sum(_rss_kb(pid) for pid in [self.pid, *_children(self.pid)])
+        rss_kb = _status_field(status, "VmRSS") + sum(_rss_kb(child) for child in _children(self.pid))
         return {"rss_mb": round(rss_kb / 1024, 1), "fds": len(os.listdir(f"/proc/{self.pid}/fd")),
-                "threads": threads}
+                "threads": _status_field(status, "Threads")}
 
     def health(self) -> dict[str, Any]:
         try:
@@ -164,27 +188,6 @@ class ServerProcess:
 
 
 # --- the clients ------------------------------------------------------------------------------------
-
-
-def _rss_kb(pid: int) -> int:
-    """VmRSS of process ``pid`` in kB (0 once it has exited)."""
-    try:
-        status = Path(f"/proc/{pid}/status").read_text()
-    except OSError:
-        return 0
-    found = re.search(r"^VmRSS:\s+(\d+)", status, re.M)
-    return int(found.group(1)) if found else 0
-
-
-def _children(pid: int) -> list[int]:
-    """The child processes of ``pid`` (from /proc/PID/task/TID/children)."""
-    children: list[int] = []
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        try:
-            children += [int(child) for child in Path(f"/proc/{pid}/task/{tid}/children").read_text().split()]
-        except OSError:
-            pass
-    return children
 
 
 def load_audio(eval_dir: Path) -> dict[str, bytes]:
