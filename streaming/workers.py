@@ -118,6 +118,7 @@ class ProcessRunner:
                 yield child.conn.recv()
                 done += 1
         except (EOFError, OSError):
+            child.stop(timeout=1)  # reaps it: its exit code is known only then
             exitcode = child.process.exitcode
             log.error("an inference process died (exit code %s); starting a new one", exitcode)
             self._local.child = self._replace(child)
@@ -126,7 +127,7 @@ class ProcessRunner:
                 yield error
 
     def _replace(self, dead: _Child) -> _Child:
-        dead.stop(timeout=0)
+        """Start a child in the place of ``dead`` (stopped already)."""
         child = _Child(self._args)
         child.wait_ready()
         self._children[self._children.index(dead)] = child

@@ -292,7 +292,7 @@ def test_a_worker_process_that_dies_fails_its_batch_and_is_replaced(engine, requ
         [pid] = runner.pids
         os.kill(pid, signal.SIGKILL)
         [failed] = list(runner(None, [requests[0]]))
-        assert isinstance(failed, RuntimeError) and "died" in str(failed)
+        assert isinstance(failed, RuntimeError) and "died (exit code -9)" in str(failed)
         assert runner.pids != [pid]
         [reply] = list(runner(None, [requests[0]]))
         assert_same_reply(reply, run_window(engine, requests[0]))
