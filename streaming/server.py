@@ -540,6 +540,8 @@ async def run_server(engine: Any, config: ServerConfig, stop: asyncio.Event | No
 
 def serve_command(args: argparse.Namespace) -> int:
     """``whisper-stream serve``: load the model once and run the server until a signal."""
+    import torch
+
     from .engine import Engine, configure_threads
     from .weights import ModelLoadError
 
@@ -557,25 +559,23 @@ def serve_command(args: argparse.Namespace) -> int:
         print(f"whisper-stream: {exc}", file=sys.stderr)
         return 2
     torch_threads = configure_threads(args.threads or max(1, min(os.cpu_count() or 1, 4) // config.workers))
+    runner = None
     try:
-        engine = Engine.load(args.model, device=args.device, dtype=args.dtype)
-    except ModelLoadError as exc:
+        if args.worker_processes:
+            from .workers import ProcessRunner
+
+            if torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu")).type != "cpu":
+                print("whisper-stream: --worker-processes runs on CPU only; drop it or --device", file=sys.stderr)
+                return 2
+            log.info("starting %d inference processes", config.workers)
+            runner = ProcessRunner(args.model, args.dtype, config.workers,
+                                   threads=torch_threads, heap_trim_seconds=config.heap_trim_seconds)
+            engine = runner.engine
+        else:
+            engine = Engine.load(args.model, device=args.device, dtype=args.dtype)
+    except (ModelLoadError, RuntimeError) as exc:
         print(f"whisper-stream: {exc}", file=sys.stderr)
         return 2
-    runner = None
-    if args.worker_processes:
-        from .workers import ProcessRunner
-
-        if engine.model.device.type != "cpu":
-            print("whisper-stream: --worker-processes runs on CPU only; drop it or --device", file=sys.stderr)
-            return 2
-        log.info("starting %d inference processes", config.workers)
-        try:
-            runner = ProcessRunner(args.model, engine.dtype_name, config.workers,
-                                   threads=torch_threads, heap_trim_seconds=config.heap_trim_seconds)
-        except RuntimeError as exc:
-            print(f"whisper-stream: {exc}", file=sys.stderr)
-            return 2
     try:
         return asyncio.run(run_server(engine, config, runner=runner))
     except OSError as exc:

@@ -13,6 +13,7 @@ import queue
 import signal
 import threading
 from collections.abc import Iterator
+from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -23,15 +24,28 @@ log = logging.getLogger(__name__)
 START_TIMEOUT = 300.0
 
 
+@dataclass(frozen=True)
+class ChildEngine:
+    """What the parent knows of the engine its inference processes loaded: all the server needs of it."""
+
+    name: str
+    multilingual: bool
+    dtype_name: str
+
+
 def _child(conn: Connection, model: str, dtype: str | None, threads: int, heap_trim_seconds: float) -> None:
     """A child's life: load the engine, then run every batch it is sent until it is sent None."""
     from .engine import Engine, configure_threads
     from .heap import HeapTrimmer
+    from .weights import ModelLoadError
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the parent drains
     configure_threads(threads)
     try:
         engine = Engine.load(model, device="cpu", dtype=dtype)
+    except (ModelLoadError, ValueError) as exc:  # their messages name the model or dtype and the fix
+        conn.send(("error", str(exc)))
+        return
     except Exception as exc:  # noqa: BLE001 - reported to the parent, which names it
         conn.send(("error", f"{type(exc).__name__}: {exc}"))
         return
@@ -39,7 +53,7 @@ def _child(conn: Connection, model: str, dtype: str | None, threads: int, heap_t
     trimmer = HeapTrimmer(lambda: batches, heap_trim_seconds) if heap_trim_seconds else None
     if trimmer is not None:
         trimmer.start()
-    conn.send(("ready", None))
+    conn.send(("ready", ChildEngine(engine.name, engine.multilingual, engine.dtype_name)))
     while (requests := conn.recv()) is not None:
         for reply in iter_windows(engine, requests):
             if isinstance(reply, BaseException):  # its class may not unpickle in the parent
@@ -59,7 +73,7 @@ class _Child:
         self.process.start()
         child_end.close()
 
-    def wait_ready(self) -> None:
+    def wait_ready(self) -> ChildEngine:
         if not self.conn.poll(START_TIMEOUT):
             raise RuntimeError(f"an inference process did not load the model within {START_TIMEOUT:g} s")
         try:
@@ -68,7 +82,8 @@ class _Child:
             raise RuntimeError(f"an inference process exited while loading the model "
                                f"(exit code {self.process.exitcode})") from None
         if kind != "ready":
-            raise RuntimeError(f"an inference process could not load the model: {detail}")
+            raise RuntimeError(detail)
+        return detail
 
     def stop(self, timeout: float = 5.0) -> None:
         try:
@@ -86,7 +101,9 @@ class ProcessRunner:
     """A :class:`streaming.scheduler.Scheduler` runner that runs each worker thread's batches in a child
     process of its own (CPU only). ``model`` and ``dtype`` are what :meth:`Engine.load` takes; each child
     uses ``threads`` torch threads and returns freed heap memory every ``heap_trim_seconds`` (0: never).
-    A child that dies fails the batch it was running and is replaced."""
+    A child that dies fails the batch it was running and is replaced. ``engine`` describes the loaded model:
+    the parent needs no copy of its own (``Server(runner.engine, config, runner)``); a model that does not
+    load raises RuntimeError with the loader's message."""
 
     def __init__(self, model: str, dtype: str | None, workers: int, threads: int = 1,
                  heap_trim_seconds: float = 1.0):
@@ -95,8 +112,7 @@ class ProcessRunner:
         self._local = threading.local()
         self._children = [_Child(self._args) for _ in range(workers)]
         try:
-            for child in self._children:
-                child.wait_ready()
+            self.engine = [child.wait_ready() for child in self._children][0]
         except BaseException:
             self.close()
             raise

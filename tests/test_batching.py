@@ -263,11 +263,12 @@ def test_only_final_decodes_fall_back_to_sampling(engine, requests, monkeypatch,
 @pytest.mark.real_model
 def test_worker_processes_reply_as_decoding_in_this_process(engine, requests) -> None:
     from streaming.scheduler import Scheduler
-    from streaming.workers import ProcessRunner
+    from streaming.workers import ChildEngine, ProcessRunner
 
     greedy = [r for r in requests if not r.final]  # a final decode may sample: its draws differ by process
     expected = run_windows(engine, greedy)
     runner = ProcessRunner("tiny.en", engine.dtype_name, workers=2, threads=1, heap_trim_seconds=0.5)
+    assert runner.engine == ChildEngine("tiny.en", multilingual=False, dtype_name=engine.dtype_name)
     children = [running_check(pid) for pid in runner.pids]
     scheduler = Scheduler(engine, max_batch=4, runner=runner, workers=2)
 
@@ -303,7 +304,7 @@ def test_a_worker_process_that_dies_fails_its_batch_and_is_replaced(engine, requ
 def test_worker_processes_name_a_model_that_does_not_load() -> None:
     from streaming.workers import ProcessRunner
 
-    with pytest.raises(RuntimeError, match="could not load the model: .*no-such-model"):
+    with pytest.raises(RuntimeError, match="model path /no-such-model does not exist"):
         ProcessRunner("/no-such-model", "float32", workers=1)
 
 
