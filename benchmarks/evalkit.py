@@ -49,3 +49,27 @@ def score_text(reference: dict, text: str) -> dict:
 
 def machine() -> str:
     return f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
+
+
+def child_pids(pid: int) -> list[int]:
+    """The child processes of ``pid`` (from /proc/PID/task/TID/children; empty once it has exited)."""
+    children: list[int] = []
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return []
+    for tid in tids:
+        try:
+            children += [int(child) for child in Path(f"/proc/{pid}/task/{tid}/children").read_text().split()]
+        except OSError:
+            pass
+    return children
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process ``pid`` (/proc/PID/stat utime, stime; 0 once it has exited)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")

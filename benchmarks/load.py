@@ -9,8 +9,8 @@ WER and final-word latency over all streams (p90 also apart for the last word of
 the utterance's final decode commits, and the words before it, "inner", which LocalAgreement commits while
 the speaker goes on), the server's CPU seconds per second of audio, and from /metrics the time its
 inference workers were busy per second of audio (the rest of the CPU is the event loop: protocol, VAD,
-resampling; with ``serve --worker-processes`` the CPU column leaves out the inference processes), its mean
-inference batch size and time per heap trim.
+resampling; the CPU column includes the server's inference processes), its mean
+inference batch size, the mean time a decode waited in the queue, and the time per heap trim.
 
 ``--windows N`` instead times ``run_windows`` on N window requests captured from a recogniser on real audio:
 one batched call against one call per request, in the same process.
@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import re
 import shlex
 import signal
@@ -41,7 +40,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from evalkit import ROOT, load_stream, machine, scorer
+from evalkit import ROOT, child_pids, cpu_seconds, load_stream, machine, scorer
 
 from streaming.client import ClientError, pcm_chunks, stream_audio
 from streaming.engine import Engine, configure_threads
@@ -120,10 +119,9 @@ class ServerProcess:
         self.port = int(match.group(1))
 
     def cpu_seconds(self) -> float:
-        """User + system CPU time of the server process (/proc/PID/stat utime, stime)."""
-        with open(f"/proc/{self.process.pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        """User + system CPU time of the server process and its children (the inference processes)."""
+        pid = self.process.pid
+        return cpu_seconds(pid) + sum(cpu_seconds(child) for child in child_pids(pid))
 
     def metrics(self) -> dict[str, float]:
         with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=10) as response:
@@ -199,6 +197,8 @@ def load_run(server: ServerProcess, n: int, seconds: float, out: Path, options: 
             "busy_per_audio": delta["whisper_stream_inference_busy_seconds_total"] / audio_seconds,
             "decodes": delta["whisper_stream_inference_requests_total"],
             "mean_batch": delta["whisper_stream_batch_size_sum"] / max(delta["whisper_stream_batch_size_count"], 1),
+            "queue_ms": 1000 * delta["whisper_stream_queue_delay_seconds_sum"]
+            / max(delta["whisper_stream_queue_delay_seconds_count"], 1),
             "trim_ms": 1000 * delta["whisper_stream_heap_trim_seconds_total"]
             / max(delta["whisper_stream_heap_trims_total"], 1),
             "wall": wall, "audio": audio_seconds, "admitted": len(admitted)}
@@ -293,7 +293,7 @@ def main() -> None:
           f"start options {json.dumps(args.start_options) if args.start_options else 'none'}, {machine()}")
     print(f"{'streams':>7} {'admitted':>8} {'batch':>5} {'WER %':>6} {'p50 s':>6} {'p90 s':>6} {'last':>5} "
           f"{'inner':>5} {'cpu s/audio s':>13} {'infer s/audio s':>15} "
-          f"{'mean batch':>10} {'decodes':>7} {'wall s':>6} {'ms/heap trim':>12}")
+          f"{'mean batch':>10} {'queue ms':>8} {'decodes':>7} {'wall s':>6} {'ms/heap trim':>12}")
     for max_batch in args.max_batch:
         server = ServerProcess(args.model, args.threads, args.workers, max_batch, args.max_utilization, args.dtype,
                                Path(args.out) / f"server-batch{max_batch}.log", tuple(shlex.split(args.server_args)))
@@ -304,7 +304,7 @@ def main() -> None:
                 print(f"{n:>7} {r['admitted']:>8} {max_batch:>5} {100 * r['wer']:6.1f} {r['p50'] or 0:6.2f} "
                       f"{r['p90'] or 0:6.2f} {r['p90_last'] or 0:5.2f} {r['p90_inner'] or 0:5.2f} "
                       f"{r['cpu_per_audio']:13.3f} {r['busy_per_audio']:15.3f} {r['mean_batch']:10.2f} "
-                      f"{r['decodes']:7.0f} {r['wall']:6.0f} {r['trim_ms']:12.1f}",
+                      f"{r['queue_ms']:8.0f} {r['decodes']:7.0f} {r['wall']:6.0f} {r['trim_ms']:12.1f}",
                       flush=True)
         finally:
             server.stop()

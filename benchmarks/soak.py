@@ -45,6 +45,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from evalkit import child_pids
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
@@ -113,17 +114,6 @@ def _rss_kb(pid: int) -> int:
         return 0
 
 
-def _children(pid: int) -> list[int]:
-    """The child processes of ``pid`` (from /proc/PID/task/TID/children)."""
-    children: list[int] = []
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        try:
-            children += [int(child) for child in Path(f"/proc/{pid}/task/{tid}/children").read_text().split()]
-        except OSError:
-            pass
-    return children
-
-
 class ServerProcess:
     """``whisper-stream serve`` on a free port; its stderr goes to a log file."""
 
@@ -163,7 +153,7 @@ class ServerProcess:
         """RSS (MB) of the server process and its children (the inference processes of
         ``--worker-processes``), and the server process's open file descriptors and threads."""
         status = Path(f"/proc/{self.pid}/status").read_text()
-        rss_kb = _status_field(status, "VmRSS") + sum(_rss_kb(child) for child in _children(self.pid))
+        rss_kb = _status_field(status, "VmRSS") + sum(_rss_kb(child) for child in child_pids(self.pid))
         return {"rss_mb": round(rss_kb / 1024, 1), "fds": len(os.listdir(f"/proc/{self.pid}/fd")),
                 "threads": _status_field(status, "Threads")}
 

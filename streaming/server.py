@@ -559,17 +559,24 @@ def serve_command(args: argparse.Namespace) -> int:
         print(f"whisper-stream: {exc}", file=sys.stderr)
         return 2
     torch_threads = configure_threads(args.threads or max(1, min(os.cpu_count() or 1, 4) // config.workers))
+    try:
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError:
+        print(f"whisper-stream: --device {args.device!r} is not a device; use cpu, cuda or cuda:N", file=sys.stderr)
+        return 2
+    processes = device.type == "cpu" if args.worker_processes is None else args.worker_processes
+    if processes and device.type != "cpu":
+        print("whisper-stream: --worker-processes runs on CPU only; drop it or --device", file=sys.stderr)
+        return 2
     runner = None
     try:
-        if args.worker_processes:
+        if processes:
             from .workers import ProcessRunner
 
-            if torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu")).type != "cpu":
-                print("whisper-stream: --worker-processes runs on CPU only; drop it or --device", file=sys.stderr)
-                return 2
-            log.info("starting %d inference processes", config.workers)
             runner = ProcessRunner(args.model, args.dtype, config.workers,
                                    threads=torch_threads, heap_trim_seconds=config.heap_trim_seconds)
+            log.info("model loaded in %d inference processes (pids %s)", config.workers,
+                     " ".join(map(str, runner.pids)))
             engine = runner.engine
         else:
             engine = Engine.load(args.model, device=args.device, dtype=args.dtype)

@@ -153,3 +153,12 @@ def test_unknown_format_is_a_usage_error(tmp_path) -> None:
 @pytest.mark.parametrize("value", ["-1", "nan", "3601"])
 def test_serve_refuses_a_bad_heap_trim_interval_before_loading_anything(value: str) -> None:
     assert_one_line_error(cli("serve", "--heap-trim-seconds", value), "heap_trim_seconds=", "allowed: 0 (off) to 3600")
+
+
+def test_serve_names_a_device_that_does_not_exist() -> None:
+    assert_one_line_error(cli("serve", "--device", "tpu9"), "--device 'tpu9' is not a device", "use cpu, cuda")
+
+
+def test_serve_names_a_model_that_does_not_load_in_its_worker_processes() -> None:
+    assert_one_line_error(cli("serve", "--model", "/no-such-model", "--device", "cpu"),
+                          "model path /no-such-model does not exist")

@@ -413,10 +413,13 @@ async def test_drain_finishes_open_streams_and_refuses_new_ones(engine: Engine, 
     assert replies[-1]["type"] == "done" and replies[-1]["reason"] == "shutdown"
 
 
-def test_sigterm_drains_a_subprocess_server_and_exits_0(clip: bytes) -> None:
+@pytest.mark.parametrize("workers", ["--worker-processes", "--no-worker-processes"])
+def test_sigterm_drains_a_subprocess_server_and_exits_0(clip: bytes, workers: str) -> None:
     process = subprocess.Popen(
-        [sys.executable, "-m", "streaming.cli", "serve", "--port", "0", "--threads", "1", "--drain-seconds", "60"],
+        [sys.executable, "-m", "streaming.cli", "serve", "--port", "0", "--threads", "1", "--drain-seconds", "60",
+         "--device", "cpu", "--workers", "2", workers],
         cwd=REPO, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    children: list[str] = []
     try:
         lines = []
         for line in process.stderr:
@@ -426,6 +429,7 @@ def test_sigterm_drains_a_subprocess_server_and_exits_0(clip: bytes) -> None:
                 break
         else:
             pytest.fail("server did not start:\n" + "".join(lines))
+        children = re.findall(r"\d+", "".join(re.findall(r"inference processes \(pids ([\d ]+)\)", "".join(lines))))
 
         async def client() -> list[dict]:
             async with connect(url) as ws:
@@ -445,4 +449,6 @@ def test_sigterm_drains_a_subprocess_server_and_exits_0(clip: bytes) -> None:
     assert "fellow americans" in finals_text(replies), log
     assert replies[-1]["type"] == "done" and replies[-1]["reason"] == "shutdown"
     assert "draining 1 open stream(s)" in log and "stopped" in log
+    assert len(children) == (2 if workers == "--worker-processes" else 0), log
+    assert not [pid for pid in children if os.path.exists(f"/proc/{pid}")], "an inference process outlived the server"
 

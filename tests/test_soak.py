@@ -15,6 +15,8 @@ BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 
 
 def load_soak() -> ModuleType:
+    if str(BENCHMARKS) not in sys.path:  # soak.py imports evalkit from beside it, as when run as a script
+        sys.path.insert(0, str(BENCHMARKS))
     spec = importlib.util.spec_from_file_location("soak", BENCHMARKS / "soak.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules["soak"] = module  # dataclasses look their module up while the class is built
