@@ -94,6 +94,20 @@ def median_filter(x: torch.Tensor, width: int) -> torch.Tensor:
     return flat.unfold(-1, width, 1).median(dim=-1).values.reshape(x.shape)
 
 
+@dataclass(frozen=True)
+class AlignmentWindow:
+    """One window to align: ``text_tokens`` spoken in its first ``num_frames`` mel frames, and a decoder cache
+    holding its audio's cross-attention keys/values (its decoded positions are ignored). The decoder runs
+    over ``prefix_tokens`` (default: the tokenizer's ``sot_sequence`` + ``no_timestamps``), the text tokens
+    and eot. ``tokenizer`` needs ``sot_sequence``, ``no_timestamps``, ``eot`` and ``split_to_word_tokens``."""
+
+    tokenizer: Any
+    text_tokens: list[int]
+    num_frames: int
+    cache: KVCache
+    prefix_tokens: list[int] | None = None
+
+
 @torch.inference_mode()
 def find_alignment(
     model: Whisper,
@@ -106,29 +120,53 @@ def find_alignment(
     cache: KVCache | None = None,
     medfilt_width: int = 7,
 ) -> list[WordTiming]:
-    """Word timings for ``text_tokens`` spoken in the first ``num_frames`` mel frames of the window.
+    """Word timings for ``text_tokens`` spoken in the first ``num_frames`` mel frames of the window
+    (``audio_features`` 1 x ctx x state, or ``cache`` with their cross-attention keys/values); see
+    :class:`AlignmentWindow` and :func:`find_alignments`."""
+    base = model.decoder.new_cache(audio_features) if cache is None else cache
+    window = AlignmentWindow(tokenizer, list(text_tokens), num_frames, base, prefix_tokens)
+    return find_alignments(model, [window], medfilt_width=medfilt_width)[0]
 
-    ``audio_features`` is 1 x ctx x state. The decoder runs once over the prefix (default: the tokenizer's
-    ``sot_sequence`` + ``no_timestamps``), the text tokens and eot; ``cache`` may carry the cross-attention
-    keys/values already computed for ``audio_features`` (its decoded positions are ignored). ``tokenizer``
-    needs ``sot_sequence``, ``no_timestamps``, ``eot`` and ``split_to_word_tokens``. Times are seconds from
-    the window start, non-decreasing; every text token belongs to exactly one word.
-    """
-    if not text_tokens:
-        return []
-    if num_frames < 2:
-        raise ValueError(f"num_frames={num_frames!r} must be at least 2 (one audio position)")
-    prefix = list(prefix_tokens or [*tokenizer.sot_sequence, tokenizer.no_timestamps])
-    tokens = torch.tensor([prefix + list(text_tokens) + [tokenizer.eot]], device=audio_features.device)
-    base = model.decoder.new_cache(audio_features) if cache is None else cache.trim(0)
-    first = len(prefix)
-    logits, _, weights = model.decoder(tokens, base, alignment_heads=model.alignment_heads,
-                                       logits_at=slice(first - 1, first - 1 + len(text_tokens)))
-    probs = logits[0].softmax(dim=-1)
-    token_probs = probs.gather(-1, tokens[0, first: first + len(text_tokens), None])[:, 0].cpu().numpy()
 
+@torch.inference_mode()
+def find_alignments(model: Whisper, windows: list[AlignmentWindow], medfilt_width: int = 7) -> list[list[WordTiming]]:
+    """Word timings for each window, from one decoder pass over all of them (token sequences padded at the
+    end, which causal attention keeps out of every real position). Times are seconds from the window
+    start, non-decreasing; every text token belongs to exactly one word."""
+    for window in windows:
+        if window.text_tokens and window.num_frames < 2:
+            raise ValueError(f"num_frames={window.num_frames!r} must be at least 2 (one audio position)")
+    todo = [i for i, window in enumerate(windows) if window.text_tokens]
+    results: list[list[WordTiming]] = [[] for _ in windows]
+    if not todo:
+        return results
+    rows = [windows[i] for i in todo]
+    prefixes = [list(w.prefix_tokens or [*w.tokenizer.sot_sequence, w.tokenizer.no_timestamps]) for w in rows]
+    sequences = [p + list(w.text_tokens) + [w.tokenizer.eot] for p, w in zip(prefixes, rows)]
+    width, most = max(map(len, sequences)), max(len(w.text_tokens) for w in rows)
+    device = rows[0].cache.cross_kv[0][0].device
+    tokens = torch.tensor([s + [s[-1]] * (width - len(s)) for s in sequences], device=device)
+    # each row's logits at the positions that predict its text tokens (the last one repeated as padding)
+    logits_at = torch.tensor([[len(p) - 1 + min(j, len(w.text_tokens) - 1) for j in range(most)]
+                              for p, w in zip(prefixes, rows)], device=device)
+    bases = [w.cache.trim(0) for w in rows]
+    logits, _, weights = model.decoder(tokens, bases[0] if len(bases) == 1 else KVCache.stack(bases),
+                                       alignment_heads=model.alignment_heads, logits_at=logits_at)
+    for row, (i, window, prefix, sequence) in enumerate(zip(todo, rows, prefixes, sequences)):
+        n = len(window.text_tokens)
+        text = torch.tensor(window.text_tokens, device=device)
+        token_probs = logits[row, :n].softmax(dim=-1).gather(-1, text[:, None])[:, 0].cpu().numpy()
+        results[i] = _timings(window, token_probs, weights[row, :, :len(sequence)], len(prefix), medfilt_width)
+    return results
+
+
+def _timings(window: AlignmentWindow, token_probs: np.ndarray, weights: torch.Tensor, first: int,
+             medfilt_width: int) -> list[WordTiming]:
+    """Word timings from one window's alignment-head attention [heads, tokens, audio positions] (its whole
+    token sequence, prefix first) by dynamic time warping."""
+    text_tokens = window.text_tokens
     # [heads, tokens, frames] over the real audio, each token's attention renormalised to sum to 1 there.
-    weights = weights[0, :, :, : num_frames // 2].float()
+    weights = weights[:, :, : window.num_frames // 2].float()
     weights = weights / weights.sum(dim=-1, keepdim=True).clamp_min(1e-10)
     std, mean = torch.std_mean(weights, dim=-2, keepdim=True, correction=0)
     weights = median_filter((weights - mean) / std.clamp_min(1e-10), medfilt_width)
@@ -137,7 +175,7 @@ def find_alignment(
     jumps = np.diff(text_index, prepend=-1).astype(bool)
     token_starts = np.round(time_index[jumps] * FRAME_SECONDS, 2)  # one per text token, then eot's start
 
-    words, word_tokens = tokenizer.split_to_word_tokens(list(text_tokens))
+    words, word_tokens = window.tokenizer.split_to_word_tokens(list(text_tokens))
     lengths = [len(t) for t in word_tokens]
     if sum(lengths) != len(text_tokens):
         raise ValueError("tokenizer.split_to_word_tokens must partition the text tokens")

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .alignment import WordTiming, find_alignment
+from .alignment import AlignmentWindow, WordTiming, find_alignments
 from .decoding import (
     DecodingOptions,
     DecodingResult,
@@ -26,7 +26,7 @@ from .decoding import (
     decode_greedy_batch,
     decode_with_fallback,
     detect_language,
-    prefill,
+    prefill_batch,
 )
 from .engine import Engine
 from .mel import HOP_LENGTH, SAMPLE_RATE
@@ -124,49 +124,58 @@ class _Window:
     start: Prefill
 
 
-def _prepare(engine: Engine, request: WindowRequest, features: torch.Tensor, frames: int) -> _Window:
-    """Language, decoding options and the prefill of one encoded window."""
-    reply = WindowReply(language=request.language)
-    cache = engine.model.decoder.new_cache(features)
-    if engine.multilingual and request.language is None:
-        reply.language, probs = detect_language(engine.model, engine.tokenizer(None, request.task), features, cache)
-        reply.language_probability = probs[reply.language]
-    elif not engine.multilingual:
-        reply.language = "en"
-    tokenizer = engine.tokenizer(reply.language, request.task)
-    prompt = list(request.prompt)
-    if request.initial_prompt:
-        prompt = tokenizer.encode(" " + request.initial_prompt.strip()) + prompt
-    seconds = len(request.audio) / SAMPLE_RATE
-    options = DecodingOptions(
-        task=request.task, language=reply.language, beam_size=request.beam_size,
-        prompt=tuple(prompt[-PROMPT_TOKENS:]), prefix=request.prefix, draft=request.draft,
-        without_timestamps=True,
-        sample_len=max(MIN_SAMPLE_LEN, round(seconds * MAX_TOKENS_PER_SECOND)))
-    start = prefill(engine.model, tokenizer, features, options, cache)
-    return _Window(request, reply, features, frames, cache, tokenizer, options, start)
+def _prepare(engine: Engine, requests: list[WindowRequest],
+             encoded: list[tuple[torch.Tensor, int]]) -> list[_Window]:
+    """Language, decoding options and prefill of encoded windows; the prefills share one decoder pass."""
+    staged = []
+    for request, (features, frames) in zip(requests, encoded):
+        reply = WindowReply(language=request.language)
+        cache = engine.model.decoder.new_cache(features)
+        if engine.multilingual and request.language is None:
+            reply.language, probs = detect_language(engine.model, engine.tokenizer(None, request.task), features,
+                                                    cache)
+            reply.language_probability = probs[reply.language]
+        elif not engine.multilingual:
+            reply.language = "en"
+        tokenizer = engine.tokenizer(reply.language, request.task)
+        prompt = list(request.prompt)
+        if request.initial_prompt:
+            prompt = tokenizer.encode(" " + request.initial_prompt.strip()) + prompt
+        seconds = len(request.audio) / SAMPLE_RATE
+        options = DecodingOptions(
+            task=request.task, language=reply.language, beam_size=request.beam_size,
+            prompt=tuple(prompt[-PROMPT_TOKENS:]), prefix=request.prefix, draft=request.draft,
+            without_timestamps=True,
+            sample_len=max(MIN_SAMPLE_LEN, round(seconds * MAX_TOKENS_PER_SECOND)))
+        staged.append((request, reply, features, frames, cache, tokenizer, options))
+    starts = prefill_batch(engine.model, [(tokenizer, options, cache) for *_, cache, tokenizer, options in staged])
+    return [_Window(*window, start) for window, start in zip(staged, starts)]
 
 
-def _finish(engine: Engine, window: _Window, result: DecodingResult, policy: FallbackPolicy) -> WindowReply:
-    """The reply for a decoded window: silence, or the new words after the prefix with their times."""
-    request, reply = window.request, window.reply
-    reply.no_speech_prob, reply.avg_logprob = result.no_speech_prob, result.avg_logprob
-    if policy.is_silence(result) or policy.needs_fallback(result):
-        reply.silence = True
-        return reply
-    tokens = list(request.prefix) + result.tokens
-    if not result.tokens:
-        return reply
-    words = find_alignment(engine.model, window.tokenizer, tokens, window.features, window.frames, cache=window.cache)
-    seen = 0
-    for word in words:
-        if seen >= len(request.prefix):
-            reply.words.append(word)
-        seen += len(word.tokens)
-    if reply.words and reply.no_speech_prob > NO_SPEECH_GATE:
-        if sum(w.probability for w in reply.words) / len(reply.words) < WORD_PROBABILITY_GATE:
-            reply.words, reply.silence = [], True
-    return reply
+def _finish(engine: Engine, decoded: list[tuple[_Window, DecodingResult, FallbackPolicy]]) -> list[WindowReply]:
+    """The replies for decoded windows: silence, or the new words after the prefix with their times (the
+    word alignments share one decoder pass)."""
+    replies, aligned = [], []
+    for window, result, policy in decoded:
+        reply = replace(window.reply, words=[], no_speech_prob=result.no_speech_prob,
+                        avg_logprob=result.avg_logprob)
+        if policy.is_silence(result) or policy.needs_fallback(result):
+            reply.silence = True
+        elif result.tokens:
+            aligned.append((window, result, reply))
+        replies.append(reply)
+    timings = find_alignments(engine.model, [
+        AlignmentWindow(w.tokenizer, list(w.request.prefix) + r.tokens, w.frames, w.cache) for w, r, _ in aligned])
+    for (window, _, reply), words in zip(aligned, timings):
+        seen = 0
+        for word in words:
+            if seen >= len(window.request.prefix):
+                reply.words.append(word)
+            seen += len(word.tokens)
+        if reply.words and reply.no_speech_prob > NO_SPEECH_GATE:
+            if sum(w.probability for w in reply.words) / len(reply.words) < WORD_PROBABILITY_GATE:
+                reply.words, reply.silence = [], True
+    return replies
 
 
 def _decode(engine: Engine, window: _Window, policy: FallbackPolicy) -> DecodingResult:
@@ -182,25 +191,27 @@ def _policy(request: WindowRequest, policy: FallbackPolicy) -> FallbackPolicy:
 def run_window(engine: Engine, request: WindowRequest, policy: FallbackPolicy = FallbackPolicy()) -> WindowReply:
     """Decode the window after the forced ``prefix`` and time every new word (window-relative seconds)."""
     policy = _policy(request, policy)
-    window = _prepare(engine, request, *encode_window(engine, request.audio, request.context, request.silence))
-    return _finish(engine, window, _decode(engine, window, policy), policy)
+    [window] = _prepare(engine, [request], [encode_window(engine, request.audio, request.context, request.silence)])
+    return _finish(engine, [(window, _decode(engine, window, policy), policy)])[0]
 
 
 def iter_windows(engine: Engine, requests: list[WindowRequest],
                  policy: FallbackPolicy = FallbackPolicy()) -> Iterator[WindowReply | Exception]:
-    """Every request's :func:`run_window`, yielded in request order as each is ready, with the encoder calls
-    and the greedy decoding steps shared.
+    """Every request's :func:`run_window`, yielded in request order as each is ready, with the encoder calls,
+    the prefills, the greedy decoding steps and the word alignments shared: a decoder pass costs about the
+    same for one row as for several, as it reads all of the decoder's weights either way.
 
-    Greedy first passes (beam 1, fallback starting at temperature 0) run in one batch; a result that needs
-    fallback continues alone at the next temperatures, and beam-search requests decode alone (put them
-    last so that the greedy replies are not held up). A request that raises gets its exception back, the
-    others their replies: if the shared part fails, every request runs again on its own.
+    Greedy first passes (beam 1, fallback starting at temperature 0) run in one batch and are aligned
+    together; a result that needs fallback continues alone at the next temperatures, and beam-search
+    requests decode alone (put them last so that the greedy replies are not held up). A request that raises
+    gets its exception back, the others their replies: if a shared part fails, its requests run again on
+    their own.
     """
     if len(requests) == 1:
         yield _alone(engine, requests[0], policy)
         return
     try:
-        windows = [_prepare(engine, r, f, n) for r, (f, n) in zip(requests, encode_windows(engine, requests))]
+        windows = _prepare(engine, requests, encode_windows(engine, requests))
         results: list[DecodingResult | None] = [None] * len(windows)
         greedy = [i for i, w in enumerate(windows) if w.options.beam_size == 1]
         if greedy and policy.temperatures[:1] == (0.0,):
@@ -212,17 +223,31 @@ def iter_windows(engine: Engine, requests: list[WindowRequest],
         for request in requests:
             yield _alone(engine, request, policy)
         return
-    for window, result in zip(windows, results):
-        own = _policy(window.request, policy)
-        rest = replace(own, temperatures=own.temperatures[1:])
+    policies = [_policy(window.request, policy) for window in windows]
+    done = [i for i, (result, own) in enumerate(zip(results, policies))
+            if result is not None and not _falls_back(result, own)]
+    try:
+        finished = dict(zip(done, _finish(engine, [(windows[i], results[i], policies[i]) for i in done])))
+    except Exception:  # noqa: BLE001 - isolated below
+        log.warning("batched alignment of %d windows failed; aligning them one by one", len(done), exc_info=True)
+        finished = {}
+    for i, (window, result, own) in enumerate(zip(windows, results, policies)):
+        if i in finished:
+            yield finished[i]
+            continue
         try:
             if result is None:
                 result = _decode(engine, window, own)
-            elif rest.temperatures and not own.is_silence(result) and own.needs_fallback(result):
-                result = _decode(engine, window, rest)
-            yield _finish(engine, window, result, own)
+            elif _falls_back(result, own):
+                result = _decode(engine, window, replace(own, temperatures=own.temperatures[1:]))
+            yield _finish(engine, [(window, result, own)])[0]
         except Exception as exc:  # noqa: BLE001 - handed back to the stream that caused it
             yield exc
+
+
+def _falls_back(result: DecodingResult, policy: FallbackPolicy) -> bool:
+    """Whether a first greedy result goes on at the policy's next temperatures."""
+    return len(policy.temperatures) > 1 and not policy.is_silence(result) and policy.needs_fallback(result)
 
 
 def _alone(engine: Engine, request: WindowRequest, policy: FallbackPolicy) -> WindowReply | Exception:

@@ -64,9 +64,10 @@ class KVCache:
     @classmethod
     def stack(cls, caches: list[KVCache]) -> KVCache:
         """One batch of the rows of ``caches`` (e.g. several streams' prefills), padded to the longest token
-        sequence and audio context with masks hiding the padding. Every cache needs decoded positions."""
-        if not all(c.self_kv for c in caches):
-            raise ValueError("KVCache.stack needs caches with decoded positions (run a prefill first)")
+        sequence and audio context with masks hiding the padding. Either every cache has decoded positions
+        or none has (fresh caches of several windows, for one prefill pass)."""
+        if len({bool(c.self_kv) for c in caches}) > 1:
+            raise ValueError("KVCache.stack needs caches that all have decoded positions, or none")
         rows = [c.batch_size for c in caches]
         cross = [[(k.expand(n, -1, -1, -1), v.expand(n, -1, -1, -1)) for k, v in c.cross_kv]
                  for c, n in zip(caches, rows)]
@@ -294,13 +295,14 @@ class TextDecoder(nn.Module):
 
     def forward(
         self, tokens: Tensor, cache: KVCache, alignment_heads: list[tuple[int, int]] | None = None,
-        logits_at: slice | list[int] | None = None,
+        logits_at: slice | list[int] | Tensor | None = None,
     ) -> tuple[Tensor, KVCache, Tensor | None]:
         """Logits [batch, new_tokens, vocab] for ``tokens`` that follow the cached positions.
 
         Returns the logits, the extended cache and, when ``alignment_heads`` is given, the cross-attention
         weights of those heads, [batch, n_heads_selected, new_tokens, audio_ctx]. ``logits_at`` picks the new
-        positions that get logits (the vocabulary projection dominates the cost of a long prompt).
+        positions that get logits (the vocabulary projection dominates the cost of a long prompt): the same
+        for every row, or a [batch, k] tensor of positions per row.
         """
         offset, n = cache.length, tokens.shape[1]
         self_mask, key_mask = cache.self_mask, None
@@ -331,7 +333,11 @@ class TextDecoder(nn.Module):
             if w is not None:
                 weights.append(w[:, wanted[i]])
             x = x + block.mlp(block.mlp_ln(x))
-        x = self.ln(x if logits_at is None else x[:, logits_at])
+        if isinstance(logits_at, Tensor):
+            x = x.gather(1, logits_at[..., None].expand(-1, -1, x.shape[-1]))
+        elif logits_at is not None:
+            x = x[:, logits_at]
+        x = self.ln(x)
         logits = linear(x, self.token_embedding.weight.to(x.dtype), packed=self.packed_logits).float()
         aligned = torch.cat(weights, dim=1) if weights else None
         return logits, KVCache(new_self, cache.cross_kv, cache.audio_mask, self_mask), aligned

@@ -10,15 +10,17 @@ import pytest
 import torch
 
 from streaming.alignment import (
+    AlignmentWindow,
     WordTiming,
     _clamp_long_words,
     _merge_punctuation,
     _monotone,
     dtw,
     find_alignment,
+    find_alignments,
     median_filter,
 )
-from streaming.model import ModelDims, Whisper
+from streaming.model import KVCache, ModelDims, Whisper
 
 STEPS = {(1, 1), (1, 0), (0, 1)}
 
@@ -202,15 +204,17 @@ class BlockAttentionDecoder:
         self.n_prefix, self.vocab, self.audio_ctx = n_prefix, vocab, audio_ctx
 
     def new_cache(self, audio_features):
-        return None
+        audio = torch.zeros(1, 1, self.audio_ctx, 1)
+        return KVCache([], [(audio, audio)])
 
-    def __call__(self, tokens, cache, alignment_heads, logits_at=slice(None)):
+    def __call__(self, tokens, cache, alignment_heads, logits_at):
         t = tokens.shape[1]
         w = torch.full((1, len(alignment_heads), t, self.audio_ctx), 0.01)
         w[..., 100:] = 1.0
         for k in range(t - self.n_prefix):
             w[:, :, self.n_prefix + k, 20 * k: 20 * k + 20] = 1.0
-        return torch.zeros(1, t, self.vocab)[:, logits_at], cache, w / w.sum(-1, keepdim=True)
+        logits = torch.zeros(1, t, self.vocab).gather(1, logits_at[..., None].expand(-1, -1, self.vocab))
+        return logits, cache, w / w.sum(-1, keepdim=True)
 
 
 def test_find_alignment_recovers_block_attention():
@@ -265,6 +269,25 @@ def test_find_alignment_reuses_cache(tiny):
     _, prefilled, _ = model.decoder(torch.tensor([prefix]), fresh)
     assert find_alignment(model, tokenizer, TEXT, features, 1000, cache=prefilled) == expected
     assert find_alignment(model, tokenizer, TEXT, features, 1000, prefix_tokens=prefix) == expected
+
+
+@torch.inference_mode()
+def test_windows_aligned_together_get_their_own_timings(tiny):
+    model, tokenizer, features = tiny
+    cases = [(TEXT, features[:, :500], 1000, None),  # three text lengths, audio contexts and prefixes
+             (TEXT[:3], features[:, :300], 560, [50257, 50358, 50362]),
+             ([], features[:, :400], 800, None),
+             (TEXT[2:], features, 1200, None)]
+    windows = [AlignmentWindow(tokenizer, text, frames, model.decoder.new_cache(f), prefix)
+               for text, f, frames, prefix in cases]
+    together = find_alignments(model, windows)
+    for (text, f, frames, prefix), words in zip(cases, together):
+        alone = find_alignment(model, tokenizer, text, f, frames, prefix_tokens=prefix)
+        assert [(w.word, w.tokens) for w in words] == [(w.word, w.tokens) for w in alone]
+        for a, b in zip(words, alone):  # one 20 ms frame of leeway: batched sums round differently
+            assert (a.start, a.end) == pytest.approx((b.start, b.end), abs=0.021)
+            assert a.probability == pytest.approx(b.probability, abs=1e-4)
+    assert together[2] == []
 
 
 def test_find_alignment_edge_cases(tiny):

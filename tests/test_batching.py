@@ -18,7 +18,15 @@ import pytest
 import torch
 
 from streaming import inference
-from streaming.decoding import DecodingOptions, FallbackPolicy, GreedyJob, decode, decode_greedy_batch, prefill
+from streaming.decoding import (
+    DecodingOptions,
+    FallbackPolicy,
+    GreedyJob,
+    decode,
+    decode_greedy_batch,
+    prefill,
+    prefill_batch,
+)
 from streaming.engine import Engine
 from streaming.inference import WindowReply, WindowRequest, encode_window, encode_windows, run_window, run_windows
 from streaming.model import KVCache, Whisper
@@ -89,8 +97,8 @@ def test_stacking_equal_caches_adds_no_masks(tiny_model, streams) -> None:
     stacked = KVCache.stack([cache, cache.select(torch.zeros(2, dtype=torch.long))])
     assert stacked.batch_size == 3 and stacked.self_mask is None and stacked.audio_mask is None
     assert stacked.trim(2).length == 2
-    with pytest.raises(ValueError, match="decoded positions"):
-        KVCache.stack([cache.trim(0)])
+    with pytest.raises(ValueError, match="all have decoded positions, or none"):
+        KVCache.stack([cache, cache.trim(0)])
 
 
 def jobs_for(model: Whisper, tok: Tokenizer, streams, options: list[DecodingOptions]) -> list[GreedyJob]:
@@ -148,6 +156,26 @@ def test_drafts_in_a_batch_give_each_rows_own_result(tiny_model, streams, tok) -
         for result, ref in zip(decode_greedy_batch(tiny_model, jobs_for(tiny_model, tok, streams, drafted)), plain):
             assert result.tokens == ref.tokens, names
             assert result.token_probs == pytest.approx(ref.token_probs, abs=ATOL), names
+
+
+@torch.inference_mode()
+def test_a_batched_prefill_gives_each_window_its_own(tiny_model, streams, tok) -> None:
+    options = [DecodingOptions(without_timestamps=True, sample_len=9),
+               DecodingOptions(without_timestamps=True, prompt=(440, 2068, 11), prefix=(257, 11), sample_len=6),
+               DecodingOptions(prefix=(13,), sample_len=12)]  # three token counts, three audio contexts
+    fresh = [tiny_model.decoder.new_cache(features) for features, _ in streams]
+    batched = prefill_batch(tiny_model, [(tok, o, cache) for o, cache in zip(options, fresh)])
+    for (features, _), o, start in zip(streams, options, batched):
+        ref = prefill(tiny_model, tok, features, o)
+        assert start.initial == ref.initial
+        assert start.cache.length == ref.cache.length == len(ref.initial) and start.cache.self_mask is None
+        assert start.cache.cross_kv[0][0].shape == ref.cache.cross_kv[0][0].shape  # its own audio, unpadded
+        torch.testing.assert_close(start.last_logits, ref.last_logits, atol=ATOL, rtol=0)
+        assert start.no_speech_prob == pytest.approx(ref.no_speech_prob, abs=ATOL)
+        # and each row's cache continues as its own would
+        step = torch.tensor([[262]])
+        torch.testing.assert_close(tiny_model.decoder(step, start.cache)[0], tiny_model.decoder(step, ref.cache)[0],
+                                   atol=ATOL, rtol=0)
 
 
 def test_greedy_batch_refuses_other_decodings(tiny_model, streams, tok) -> None:
