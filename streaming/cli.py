@@ -97,10 +97,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="wait this long for more requests to batch (default: 5)")
     s.add_argument("--heap-trim-seconds", type=float, default=1.0,
                    help="while inference runs, return freed memory to the system this often (default: 1; 0: off)")
-    s.add_argument("--worker-processes", action=argparse.BooleanOptionalAction, default=None,
+    s.add_argument("--worker-processes", action=argparse.BooleanOptionalAction, default=False,
                    help="run each inference worker in a child process of its own, with its own copy of the model, "
                         "so that decodes do not share Python's interpreter lock with each other or with the "
-                        "network code (default: on for CPU; CUDA workers are threads)")
+                        "network code (CPU only; default: off, workers are threads)")
     s.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     s.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
                    help="weights and activations (default auto: float16 on CUDA; on CPU bfloat16 where the CPU has "

@@ -564,13 +564,12 @@ def serve_command(args: argparse.Namespace) -> int:
     except RuntimeError:
         print(f"whisper-stream: --device {args.device!r} is not a device; use cpu, cuda or cuda:N", file=sys.stderr)
         return 2
-    processes = device.type == "cpu" if args.worker_processes is None else args.worker_processes
-    if processes and device.type != "cpu":
+    if args.worker_processes and device.type != "cpu":
         print("whisper-stream: --worker-processes runs on CPU only; drop it or --device", file=sys.stderr)
         return 2
     runner = None
     try:
-        if processes:
+        if args.worker_processes:
             from .workers import ProcessRunner
 
             runner = ProcessRunner(args.model, args.dtype, config.workers,

@@ -160,5 +160,5 @@ def test_serve_names_a_device_that_does_not_exist() -> None:
 
 
 def test_serve_names_a_model_that_does_not_load_in_its_worker_processes() -> None:
-    assert_one_line_error(cli("serve", "--model", "/no-such-model", "--device", "cpu"),
+    assert_one_line_error(cli("serve", "--model", "/no-such-model", "--device", "cpu", "--worker-processes"),
                           "model path /no-such-model does not exist")
