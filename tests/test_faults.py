@@ -89,10 +89,10 @@ async def test_an_inference_fault_in_a_shared_batch_fails_only_the_stream_that_c
         engine: Engine, clip: bytes, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     prepare = inference._prepare
 
-    def faulty(engine, request, features, frames):
-        if request.initial_prompt == "poison":
+    def faulty(engine, requests, encoded):
+        if any(request.initial_prompt == "poison" for request in requests):
             raise RuntimeError("injected model fault")
-        return prepare(engine, request, features, frames)
+        return prepare(engine, requests, encoded)
 
     monkeypatch.setattr(inference, "_prepare", faulty)
     sizes: list[int] = []
