@@ -9,8 +9,8 @@ WER and final-word latency over all streams (p90 also apart for the last word of
 the utterance's final decode commits, and the words before it, "inner", which LocalAgreement commits while
 the speaker goes on), the server's CPU seconds per second of audio, and from /metrics the time its
 inference workers were busy per second of audio (the rest of the CPU is the event loop: protocol, VAD,
-resampling; the CPU column includes the server's inference processes), its mean
-inference batch size, the mean time a decode waited in the queue, and the time per heap trim.
+resampling; the CPU column includes the server's inference processes), its mean inference batch size,
+the mean time a decode waited in the queue, and the time per heap trim.
 
 ``--windows N`` instead times ``run_windows`` on N window requests captured from a recogniser on real audio:
 one batched call against one call per request, in the same process.

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from streaming.model import KVCache, Whisper
+from streaming.model import KVCache, Whisper, decode_padded
 
 FRAME_SECONDS = 0.02
 MAX_MEDIAN_WORD_SECONDS = 0.7
@@ -130,9 +130,9 @@ def find_alignment(
 
 @torch.inference_mode()
 def find_alignments(model: Whisper, windows: list[AlignmentWindow], medfilt_width: int = 7) -> list[list[WordTiming]]:
-    """Word timings for each window, from one decoder pass over all of them (token sequences padded at the
-    end, which causal attention keeps out of every real position). Times are seconds from the window
-    start, non-decreasing; every text token belongs to exactly one word."""
+    """Word timings for each window, from one decoder pass over all of them
+    (:func:`streaming.model.decode_padded`). Times are seconds from the window start, non-decreasing; every
+    text token belongs to exactly one word."""
     for window in windows:
         if window.text_tokens and window.num_frames < 2:
             raise ValueError(f"num_frames={window.num_frames!r} must be at least 2 (one audio position)")
@@ -143,14 +143,12 @@ def find_alignments(model: Whisper, windows: list[AlignmentWindow], medfilt_widt
     rows = [windows[i] for i in todo]
     prefixes = [list(w.prefix_tokens or [*w.tokenizer.sot_sequence, w.tokenizer.no_timestamps]) for w in rows]
     sequences = [p + list(w.text_tokens) + [w.tokenizer.eot] for p, w in zip(prefixes, rows)]
-    width, most = max(map(len, sequences)), max(len(w.text_tokens) for w in rows)
+    most = max(len(w.text_tokens) for w in rows)
     device = rows[0].cache.cross_kv[0][0].device
-    tokens = torch.tensor([s + [s[-1]] * (width - len(s)) for s in sequences], device=device)
     # each row's logits at the positions that predict its text tokens (the last one repeated as padding)
     logits_at = torch.tensor([[len(p) - 1 + min(j, len(w.text_tokens) - 1) for j in range(most)]
                               for p, w in zip(prefixes, rows)], device=device)
-    bases = [w.cache.trim(0) for w in rows]
-    logits, _, weights = model.decoder(tokens, bases[0] if len(bases) == 1 else KVCache.stack(bases),
+    logits, _, weights = decode_padded(model.decoder, sequences, [w.cache for w in rows],
                                        alignment_heads=model.alignment_heads, logits_at=logits_at)
     for row, (i, window, prefix, sequence) in enumerate(zip(todo, rows, prefixes, sequences)):
         n = len(window.text_tokens)

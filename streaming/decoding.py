@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import Tensor
 
-from .model import KVCache, Whisper
+from .model import KVCache, Whisper, decode_padded
 from .tokenizer import Tokenizer
 
 
@@ -98,22 +98,18 @@ def prefill(model: Whisper, tokenizer: Tokenizer, features: Tensor, options: Dec
 @torch.inference_mode()
 def prefill_batch(model: Whisper, windows: list[tuple[Tokenizer, DecodingOptions, KVCache]]) -> list[Prefill]:
     """:func:`prefill` for several windows, each given as its tokenizer, options and a cache holding its
-    audio's cross-attention keys/values, in one decoder pass. The initial tokens are padded at the end
-    (causal attention keeps padding out of every real position) and each row's cache is cut back to its
-    own tokens and audio afterwards."""
+    audio's cross-attention keys/values, in one decoder pass (:func:`streaming.model.decode_padded`); each
+    row's cache is cut back to its own tokens and audio afterwards."""
     starts = [initial_tokens(tokenizer, options) for tokenizer, options, _ in windows]
-    width = max(len(tokens) for tokens, _ in starts)
-    device = model.device
-    tokens = torch.tensor([t + [t[-1]] * (width - len(t)) for t, _ in starts], device=device)
-    logits_at = torch.tensor([[sot_index, len(t) - 1] for t, sot_index in starts], device=device)
-    bases = [cache.trim(0) for _, _, cache in windows]
-    logits, cache, _ = model.decoder(tokens, bases[0] if len(bases) == 1 else KVCache.stack(bases),
+    logits_at = torch.tensor([[sot_index, len(t) - 1] for t, sot_index in starts], device=model.device)
+    logits, cache, _ = decode_padded(model.decoder, [t for t, _ in starts], [c for _, _, c in windows],
                                      logits_at=logits_at)
     prefills = []
-    for row, ((initial, _), (tokenizer, _, _), base) in enumerate(zip(starts, windows, bases)):
+    for row, ((initial, _), (tokenizer, _, own_audio)) in enumerate(zip(starts, windows)):
         own = [(k[row: row + 1, :, :len(initial)], v[row: row + 1, :, :len(initial)]) for k, v in cache.self_kv]
         no_speech = logits[row, 0].softmax(-1)[tokenizer.no_speech].item()
-        prefills.append(Prefill(initial, KVCache(own, base.cross_kv, base.audio_mask), logits[row, 1], no_speech))
+        prefills.append(Prefill(initial, KVCache(own, own_audio.cross_kv, own_audio.audio_mask), logits[row, 1],
+                                no_speech))
     return prefills
 
 

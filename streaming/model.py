@@ -98,6 +98,19 @@ class KVCache:
         return sum(t.numel() * t.element_size() for t in tensors)
 
 
+def decode_padded(decoder: TextDecoder, sequences: list[list[int]], caches: list[KVCache],
+                  **kwargs) -> tuple[Tensor, KVCache, Tensor | None]:
+    """One ``decoder`` pass over token sequences of different lengths, each over its own audio (the
+    cross-attention keys/values of ``caches``; their decoded positions are ignored). Sequences are padded at
+    the end with their last token: causal attention keeps that padding out of every real position, so the
+    first ``len(sequences[i])`` positions of row i are exactly its own. ``kwargs`` go to the decoder."""
+    width = max(map(len, sequences))
+    bases = [cache.trim(0) for cache in caches]
+    device = bases[0].cross_kv[0][0].device
+    tokens = torch.tensor([s + [s[-1]] * (width - len(s)) for s in sequences], device=device)
+    return decoder(tokens, bases[0] if len(bases) == 1 else KVCache.stack(bases), **kwargs)
+
+
 def _stack_kv(caches: list[list[tuple[Tensor, Tensor]]], length: int) -> list[tuple[Tensor, Tensor]]:
     """Per layer, the keys and values of every cache concatenated on the batch axis, zero-padded in time."""
     pad = lambda t: F.pad(t, (0, 0, 0, length - t.shape[2]))  # noqa: E731
