@@ -33,8 +33,9 @@ class DecodingOptions:
     without_timestamps: bool = False
     max_initial_timestamp: float = 1.0
     sample_len: int | None = None
-    # Tokens a greedy decode probably starts with (the window's previous hypothesis): checked in one decoder
-    # pass instead of one pass per token. The result is the same with or without it.
+    # Tokens a greedy decode probably starts with (the window's previous hypothesis): fed with the prefill,
+    # so that greedy choice confirms them without a decoder pass per token. The result is the same with or
+    # without it.
     draft: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
@@ -64,12 +65,20 @@ def compression_ratio(text: str) -> float:
 
 @dataclass
 class Prefill:
-    """Decoder state after the initial tokens over one audio window, reusable across passes."""
+    """Decoder state after the initial tokens over one audio window, reusable across passes.
+
+    A greedy decode's ``draft`` (see :class:`DecodingOptions`) is fed in the same pass: ``draft_logits`` are
+    the logits after each of its tokens and ``ahead`` the cache that holds them too; ``cache`` holds only
+    the initial tokens.
+    """
 
     initial: list[int]
     cache: KVCache
     last_logits: Tensor
     no_speech_prob: float
+    draft: tuple[int, ...] = ()
+    draft_logits: Tensor | None = None
+    ahead: KVCache | None = None
 
 
 def initial_tokens(tokenizer: Tokenizer, options: DecodingOptions) -> tuple[list[int], int]:
@@ -101,16 +110,30 @@ def prefill_batch(model: Whisper, windows: list[tuple[Tokenizer, DecodingOptions
     audio's cross-attention keys/values, in one decoder pass (:func:`streaming.model.decode_padded`); each
     row's cache is cut back to its own tokens and audio afterwards."""
     starts = [initial_tokens(tokenizer, options) for tokenizer, options, _ in windows]
-    logits_at = torch.tensor([[sot_index, len(t) - 1] for t, sot_index in starts], device=model.device)
-    logits, cache, _ = decode_padded(model.decoder, [t for t, _ in starts], [c for _, _, c in windows],
+    drafts = [_fed_draft(model, options, len(initial)) for (initial, _), (_, options, _) in zip(starts, windows)]
+    width = 2 + max(map(len, drafts))
+    positions = [[sot_index, *range(len(initial) - 1, len(initial) + len(draft))]
+                 for (initial, sot_index), draft in zip(starts, drafts)]
+    logits_at = torch.tensor([p + p[-1:] * (width - len(p)) for p in positions], device=model.device)
+    logits, cache, _ = decode_padded(model.decoder, [initial + list(draft) for (initial, _), draft in
+                                                     zip(starts, drafts)], [c for _, _, c in windows],
                                      logits_at=logits_at)
     prefills = []
-    for row, ((initial, _), (tokenizer, _, own_audio)) in enumerate(zip(starts, windows)):
-        own = [(k[row: row + 1, :, :len(initial)], v[row: row + 1, :, :len(initial)]) for k, v in cache.self_kv]
+    for row, ((initial, _), draft, (tokenizer, _, own_audio)) in enumerate(zip(starts, drafts, windows)):
+        fed = len(initial) + len(draft)
+        own = KVCache([(k[row: row + 1, :, :fed], v[row: row + 1, :, :fed]) for k, v in cache.self_kv],
+                      own_audio.cross_kv, own_audio.audio_mask)
         no_speech = logits[row, 0].softmax(-1)[tokenizer.no_speech].item()
-        prefills.append(Prefill(initial, KVCache(own, own_audio.cross_kv, own_audio.audio_mask), logits[row, 1],
-                                no_speech))
+        prefills.append(Prefill(initial, own.trim(len(initial)), logits[row, 1], no_speech, draft,
+                                logits[row, 2: 2 + len(draft)], own))
     return prefills
+
+
+def _fed_draft(model: Whisper, options: DecodingOptions, initial: int) -> tuple[int, ...]:
+    """The draft tokens a prefill feeds: a greedy decode's, no more than its sample length leaves room for."""
+    if options.beam_size != 1 or options.temperature != 0:
+        return ()
+    return options.draft[:_sample_len(model, options, initial) - 1]
 
 
 class LogitRules:
@@ -175,7 +198,7 @@ def decode(model: Whisper, tokenizer: Tokenizer, features: Tensor, options: Deco
     if options.beam_size == 1 and options.temperature == 0:
         return decode_greedy_batch(model, [GreedyJob(tokenizer, features, options, start)])[0]
     rules = LogitRules(tokenizer, options, len(start.initial), features.shape[1] * 0.02)
-    sample_len = _sample_len(model, options, start)
+    sample_len = _sample_len(model, options, len(start.initial))
     if options.temperature == 0:
         tokens, sum_lp, probs = _beam_search(model, rules, start, options, tokenizer.eot, sample_len)
     else:
@@ -197,83 +220,65 @@ class GreedyJob:
 def decode_greedy_batch(model: Whisper, jobs: list[GreedyJob]) -> list[DecodingResult]:
     """Greedy decoding (temperature 0, beam 1) of several audio windows in one decoder pass per step.
 
-    The windows' prefills (any prompt, prefix and audio lengths) are stacked into one padded, masked cache;
-    each row follows its own logit rules and stops at eot or its sample length, then leaves the batch.
-    A row whose first tokens match its ``options.draft`` feeds the rest of the draft in the same pass as
-    its next token and keeps the longest prefix that greedy choice confirms; positions it does not keep are
-    masked out. Every result is the one :func:`decode` gives for that window alone without a draft (up to
+    Each row first takes its tokens from its prefill: the logits after the initial tokens and after each
+    token of the draft fed with them, for as long as greedy choice confirms the draft. The rows' caches
+    (any prompt, prefix and audio lengths, cut back to the tokens kept) are then stacked into one padded,
+    masked cache; each row follows its own logit rules and stops at eot or its sample length, then leaves
+    the batch. Every result is the one :func:`decode` gives for that window alone without a draft (up to
     float rounding).
     """
     if any(j.options.temperature != 0 or j.options.beam_size != 1 for j in jobs):
         raise ValueError("decode_greedy_batch decodes greedily: every job needs temperature 0 and beam_size 1")
     rules = [LogitRules(j.tokenizer, j.options, len(j.start.initial), j.features.shape[1] * 0.02) for j in jobs]
-    limits = [_sample_len(model, j.options, j.start) for j in jobs]
+    limits = [_sample_len(model, j.options, len(j.start.initial)) for j in jobs]
     seqs = [list(j.start.initial) for j in jobs]
     sum_lp = torch.zeros(len(jobs))  # float32, as _sample sums
     probs: list[list[float]] = [[] for _ in jobs]
-    active = list(range(len(jobs)))  # the job of each batch row
-    cache = KVCache.stack([j.start.cache for j in jobs])
-    logits = torch.stack([j.start.last_logits for j in jobs])[:, None]  # [rows, fed positions, vocab]
-    fed: list[list[int]] = [[] for _ in jobs]  # per row, the draft tokens fed after its last chosen token
-    while True:
-        keep, valid = [], []
-        for row, (i, draft) in enumerate(zip(active, fed)):
-            for position in range(len(draft) + 1):
-                step = logits[row, position: position + 1].float()
-                rules[i].apply(step, [seqs[i]])
-                token = int(step.argmax(-1))
-                lp = float(step.log_softmax(-1)[0, token])
-                seqs[i].append(token)
-                sum_lp[i] += lp
-                probs[i].append(math.exp(lp))
-                finished = token == jobs[i].tokenizer.eot or len(seqs[i]) - len(jobs[i].start.initial) >= limits[i]
-                if finished or position == len(draft) or token != draft[position]:
-                    break
-            if not finished:
-                keep.append(row)
-                valid.append(position + 1)
-        if not keep:
-            break
-        cache = _keep_positions(cache, logits.shape[1], keep, valid)
+
+    def choose(i: int, logits: Tensor, draft: tuple[int, ...] = ()) -> tuple[int, bool]:
+        """Job ``i``'s next tokens from ``logits`` [1 + len(draft), vocab] (row k: the logits after
+        ``draft[:k]``) for as long as they confirm the draft; returns how many draft tokens were kept and
+        whether the job is finished."""
+        for position in range(len(draft) + 1):
+            step = logits[position: position + 1].float()
+            rules[i].apply(step, [seqs[i]])
+            token = int(step.argmax(-1))
+            lp = float(step.log_softmax(-1)[0, token])
+            seqs[i].append(token)
+            sum_lp[i] += lp
+            probs[i].append(math.exp(lp))
+            if token == jobs[i].tokenizer.eot or len(seqs[i]) - len(jobs[i].start.initial) >= limits[i]:
+                return position, True
+            if position == len(draft) or token != draft[position]:
+                return position, False
+        raise AssertionError("unreachable: the last position always returns")
+
+    active, caches = [], []  # the job of each batch row, and its cache
+    for i, job in enumerate(jobs):
+        start = job.start
+        logits = start.last_logits[None]
+        if start.draft:
+            logits = torch.cat([logits, start.draft_logits])
+        kept, finished = choose(i, logits, start.draft)
+        if not finished:
+            active.append(i)
+            caches.append(start.ahead.trim(len(start.initial) + kept) if start.draft else start.cache)
+    cache = KVCache.stack(caches) if active else None
+    while active:
+        feed = torch.tensor([[seqs[i][-1]] for i in active], device=model.device)
+        logits, cache, _ = model.decoder(feed, cache)
+        keep = [row for row, i in enumerate(active) if not choose(i, logits[row])[1]]
+        if len(keep) < len(active) and keep:
+            cache = cache.select(torch.tensor(keep, device=model.device))
         active = [active[row] for row in keep]
-        fed = [_draft_rest(jobs[i], seqs[i], limits[i]) for i in active]
-        width = 1 + max(map(len, fed))
-        feed = [[seqs[i][-1], *rest, *[seqs[i][-1]] * (width - 1 - len(rest))] for i, rest in zip(active, fed)]
-        logits, cache, _ = model.decoder(torch.tensor(feed, device=logits.device), cache)
     return [_result(j.tokenizer, j.options, j.start, seq[len(j.start.initial):], float(lp), p)
             for j, seq, lp, p in zip(jobs, seqs, sum_lp, probs)]
 
 
-def _draft_rest(job: GreedyJob, seq: list[int], limit: int) -> list[int]:
-    """The draft tokens to feed after ``seq``: the rest of the job's draft while everything sampled so far
-    follows it, no more than the sample length leaves room for."""
-    sampled = seq[len(job.start.initial):]
-    draft = job.options.draft
-    if len(sampled) >= len(draft) or tuple(sampled) != draft[:len(sampled)]:
-        return []
-    return list(draft[len(sampled): limit - 1])
-
-
-def _keep_positions(cache: KVCache, width: int, rows: list[int], valid: list[int]) -> KVCache:
-    """Rows ``rows`` of ``cache``, row k keeping the first ``valid[k]`` of the last ``width`` positions fed
-    (the rest, rejected draft tokens or padding, are trimmed or masked out)."""
-    if len(rows) < cache.batch_size:
-        cache = cache.select(torch.tensor(rows, device=cache.cross_kv[0][0].device))
-    longest = max(valid)
-    if longest < width:
-        cache = cache.trim(cache.length - width + longest)
-    if min(valid) == longest:
-        return cache
-    mask = cache.self_mask.clone() if cache.self_mask is not None else torch.ones(
-        cache.batch_size, cache.length, dtype=torch.bool, device=cache.cross_kv[0][0].device)
-    for row, n in enumerate(valid):
-        mask[row, cache.length - longest + n:] = False
-    return KVCache(cache.self_kv, cache.cross_kv, cache.audio_mask, mask)
-
-
-def _sample_len(model: Whisper, options: DecodingOptions, start: Prefill) -> int:
+def _sample_len(model: Whisper, options: DecodingOptions, initial: int) -> int:
+    """The most tokens a decode after ``initial`` tokens may sample."""
     sample_len = options.sample_len or model.dims.n_text_ctx // 2
-    return min(sample_len, model.dims.n_text_ctx - len(start.initial))
+    return min(sample_len, model.dims.n_text_ctx - initial)
 
 
 def _result(tokenizer: Tokenizer, options: DecodingOptions, start: Prefill, tokens: list[int], sum_lp: float,

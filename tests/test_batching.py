@@ -128,22 +128,29 @@ def draft_cases(tokens: list[int]) -> dict[str, tuple[int, ...]]:
 def test_draft_changes_nothing_but_the_passes(tiny_model, streams, tok, monkeypatch, timestamps) -> None:
     features = streams[1][0]
     options = DecodingOptions(without_timestamps=not timestamps, prompt=(440, 2068), sample_len=10)
-    start = prefill(tiny_model, tok, features, options)
     calls = []
     forward = tiny_model.decoder.forward
     monkeypatch.setattr(tiny_model.decoder, "forward", lambda *a, **k: calls.append(a[0].shape) or forward(*a, **k))
-    plain = decode(tiny_model, tok, features, options, start)
-    assert len(plain.tokens) >= 5 and len(calls) >= 5
+    plain = decode(tiny_model, tok, features, options)
+    # the prefill, then a pass per token after the first (and for the end of text, unless at the sample length)
+    steps = len(plain.tokens) - (len(plain.tokens) == options.sample_len)
+    assert len(plain.tokens) >= 5 and len(calls) == 1 + steps
     for name, draft in draft_cases(plain.tokens).items():
+        drafted = replace(options, draft=draft)
+        start = prefill(tiny_model, tok, features, drafted)
+        assert start.cache.length == len(start.initial)  # the draft's positions are only in start.ahead
         calls.clear()
-        result = decode(tiny_model, tok, features, replace(options, draft=draft), start)
+        result = decode(tiny_model, tok, features, drafted, start)
         assert result.tokens == plain.tokens, name
         assert result.token_probs == pytest.approx(plain.token_probs, abs=ATOL), name
         assert result.avg_logprob == pytest.approx(plain.avg_logprob, abs=ATOL), name
         if name in ("whole", "too long"):
-            assert len(calls) == 1 and calls[0][1] <= options.sample_len, name  # one pass checks it all
+            assert calls == [], name  # the prefill's pass checked it all
+            assert len(start.draft) <= options.sample_len - 1, name
         if name == "start":
-            assert len(calls) == len(plain.tokens) - 3, name
+            assert len(calls) == steps - 3, name
+        if name == "wrong first":
+            assert len(calls) == steps, name
 
 
 def test_drafts_in_a_batch_give_each_rows_own_result(tiny_model, streams, tok) -> None:
@@ -160,14 +167,18 @@ def test_drafts_in_a_batch_give_each_rows_own_result(tiny_model, streams, tok) -
 
 @torch.inference_mode()
 def test_a_batched_prefill_gives_each_window_its_own(tiny_model, streams, tok) -> None:
-    options = [DecodingOptions(without_timestamps=True, sample_len=9),
+    options = [DecodingOptions(without_timestamps=True, sample_len=9, draft=(262, 11, 290)),
                DecodingOptions(without_timestamps=True, prompt=(440, 2068, 11), prefix=(257, 11), sample_len=6),
-               DecodingOptions(prefix=(13,), sample_len=12)]  # three token counts, three audio contexts
+               DecodingOptions(prefix=(13,), sample_len=12, draft=(464,))]  # three token counts and audio contexts
     fresh = [tiny_model.decoder.new_cache(features) for features, _ in streams]
     batched = prefill_batch(tiny_model, [(tok, o, cache) for o, cache in zip(options, fresh)])
     for (features, _), o, start in zip(streams, options, batched):
-        ref = prefill(tiny_model, tok, features, o)
-        assert start.initial == ref.initial
+        ref = prefill(tiny_model, tok, features, replace(o, draft=()))
+        assert start.initial == ref.initial and start.draft == o.draft
+        if o.draft:  # the logits after each draft token are those of feeding it after the initial tokens
+            alone = tiny_model.decoder(torch.tensor([list(o.draft)]), ref.cache)[0][0]
+            torch.testing.assert_close(start.draft_logits, alone, atol=ATOL, rtol=0)
+            assert start.ahead.length == len(start.initial) + len(o.draft)
         assert start.cache.length == ref.cache.length == len(ref.initial) and start.cache.self_mask is None
         assert start.cache.cross_kv[0][0].shape == ref.cache.cross_kv[0][0].shape  # its own audio, unpadded
         torch.testing.assert_close(start.last_logits, ref.last_logits, atol=ATOL, rtol=0)
