@@ -95,6 +95,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-batch", type=int, default=8, help="window decodes per batched pass (default: 8)")
     s.add_argument("--max-wait-ms", type=float, default=5.0,
                    help="wait this long for more requests to batch (default: 5)")
+    s.add_argument("--shed-after-ms", type=float, default=100.0,
+                   help="a final decode that waited longer than this for a worker (overload) runs with the short "
+                        "audio context of interim decodes, about a third of the encoder's work (default: 100; "
+                        "0: never)")
     s.add_argument("--heap-trim-seconds", type=float, default=1.0,
                    help="while inference runs, return freed memory to the system this often (default: 1; 0: off)")
     s.add_argument("--worker-processes", action=argparse.BooleanOptionalAction, default=False,

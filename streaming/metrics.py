@@ -56,6 +56,7 @@ class Metrics:
         self.busy_seconds = 0.0
         self.heap_trims = 0
         self.heap_trim_seconds = 0.0
+        self.shed_decodes = 0
         self.batch_size = Histogram(BATCH_BUCKETS)
         self.queue_delay = Histogram(DELAY_BUCKETS)
 
@@ -87,6 +88,11 @@ class Metrics:
             self.request_failures += failures
             self.busy_seconds += busy_seconds
 
+    def count_shed(self) -> None:
+        """A final decode ran with a short audio context because the workers were overloaded."""
+        with self._lock:
+            self.shed_decodes += 1
+
     def observe_heap_trim(self, seconds: float) -> None:
         """Freed memory was returned to the system, which took ``seconds``."""
         with self._lock:
@@ -117,6 +123,8 @@ class Metrics:
                          self.heap_trims),
                 *_metric(f"{p}_heap_trim_seconds_total", "counter", "Time spent returning freed memory.",
                          self.heap_trim_seconds),
+                *_metric(f"{p}_shed_decodes_total", "counter", "Final decodes run with a short audio context "
+                         "because they waited longer than --shed-after-ms.", self.shed_decodes),
                 *_metric(f"{p}_real_time_factor", "gauge", "Inference seconds per second of audio received.", rtf),
                 f"# HELP {p}_batch_size Window decodes per inference batch.",
                 f"# TYPE {p}_batch_size histogram",

@@ -13,7 +13,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from .inference import WindowReply, WindowRequest, iter_windows
@@ -54,22 +54,30 @@ class Scheduler:
     """Inference worker threads (``workers``, default one) shared by all streams.
 
     Final decodes (the end of an utterance: most of the words a user waits for) go first, one per runner
-    call; interim decodes that wait together share a batch. ``runner`` is called on a worker thread as
-    ``runner(engine, requests)`` and must produce one reply or exception per request, in order (default:
-    :func:`streaming.inference.iter_windows`). ``on_busy(seconds)`` hears how long each batch took.
+    call; interim decodes that wait together share a batch. A final decode that waited longer than
+    ``shed_after_ms`` (0: never) is overload: it runs with the short audio context of interim decodes (the
+    window and its trailing silence instead of Whisper's 30 s), whose encoder pass costs about a third.
+
+    ``runner`` is called on a worker thread as ``runner(engine, requests)`` and must produce one reply or
+    exception per request, in order (default: :func:`streaming.inference.iter_windows`). ``on_busy(seconds)``
+    hears how long each batch took.
     """
 
     def __init__(self, engine: Any, max_batch: int = 8, max_wait_ms: float = 5, metrics: Metrics | None = None,
-                 runner: Runner = iter_windows, workers: int = 1, on_busy: Callable[[float], None] | None = None):
+                 runner: Runner = iter_windows, workers: int = 1, on_busy: Callable[[float], None] | None = None,
+                 shed_after_ms: float = 0):
         if not isinstance(max_batch, int) or max_batch < 1:
             raise ValueError(f"max_batch={max_batch!r} is invalid; use an integer >= 1")
         if not 0 <= max_wait_ms <= 1000:
             raise ValueError(f"max_wait_ms={max_wait_ms!r} is out of range; allowed: 0 to 1000")
         if not isinstance(workers, int) or not 1 <= workers <= 16:
             raise ValueError(f"workers={workers!r} is invalid; use an integer from 1 to 16")
+        if not 0 <= shed_after_ms <= 60_000:
+            raise ValueError(f"shed_after_ms={shed_after_ms!r} is out of range; allowed: 0 (never) to 60000")
         self.engine = engine
         self.max_batch = max_batch
         self.max_wait = max_wait_ms / 1000
+        self.shed_after = shed_after_ms / 1000
         self.metrics = metrics if metrics is not None else Metrics()
         self._runner = runner
         self._on_busy = on_busy
@@ -144,7 +152,12 @@ class Scheduler:
                 return None
             if self._finals:
                 job = self._finals.popleft()
-                return [] if job.abandoned else [job]
+                if job.abandoned:
+                    return []
+                if self.shed_after and job.request.context and time.monotonic() - job.submitted > self.shed_after:
+                    job.request = replace(job.request, context=0.0)  # the caller keeps its own request
+                    self.metrics.count_shed()
+                return [job]
             batch: list[_Job] = []
             deadline = time.monotonic() + self.max_wait
             while len(batch) < self.max_batch:

@@ -86,6 +86,7 @@ class ServerConfig:
     workers: int = 1
     max_utilization: float = 0.8  # 0: no admission control beyond max_streams
     heap_trim_seconds: float = 1.0  # 0: never return freed C heap memory to the system (see streaming.heap)
+    shed_after_ms: float = 100.0  # 0: final decodes always get the full context (see streaming.scheduler)
 
     def __post_init__(self) -> None:
         if self.max_streams < 1:
@@ -100,6 +101,8 @@ class ServerConfig:
             raise ValueError(f"workers={self.workers} is out of range; allowed: 1 to 16")
         if self.max_batch < 1 or not 0 <= self.max_wait_ms <= 1000:
             raise ValueError("max_batch must be >= 1 and max_wait_ms from 0 to 1000")
+        if not 0 <= self.shed_after_ms <= 60_000:
+            raise ValueError(f"shed_after_ms={self.shed_after_ms} is out of range; allowed: 0 (never) to 60000")
         if not 0 <= self.heap_trim_seconds <= 3600:
             raise ValueError(f"heap_trim_seconds={self.heap_trim_seconds} is out of range; allowed: 0 (off) to 3600")
         if self.token is not None and not self.token:
@@ -151,7 +154,8 @@ class Server:
         """Start the inference worker and listen; ``port`` tells the bound port (config port 0: any free)."""
         runner = {} if self._runner is None else {"runner": self._runner}
         self._scheduler = Scheduler(self.engine, self.config.max_batch, self.config.max_wait_ms, self.metrics,
-                                    workers=self.config.workers, on_busy=self.admission.record_busy, **runner)
+                                    workers=self.config.workers, on_busy=self.admission.record_busy,
+                                    shed_after_ms=self.config.shed_after_ms, **runner)
         # Messages up to twice the limit are read so that the session can answer frame_too_large;
         # larger ones are cut off by websockets with close code 1009.
         try:
@@ -554,7 +558,8 @@ def serve_command(args: argparse.Namespace) -> int:
                               token=args.token, allow_origins=tuple(args.allow_origin or ()),
                               drain_seconds=args.drain_seconds, max_batch=args.max_batch,
                               max_wait_ms=args.max_wait_ms, workers=args.workers,
-                              max_utilization=args.max_utilization, heap_trim_seconds=args.heap_trim_seconds)
+                              max_utilization=args.max_utilization, heap_trim_seconds=args.heap_trim_seconds,
+                              shed_after_ms=args.shed_after_ms)
     except ValueError as exc:
         print(f"whisper-stream: {exc}", file=sys.stderr)
         return 2

@@ -155,6 +155,11 @@ def test_serve_refuses_a_bad_heap_trim_interval_before_loading_anything(value: s
     assert_one_line_error(cli("serve", "--heap-trim-seconds", value), "heap_trim_seconds=", "allowed: 0 (off) to 3600")
 
 
+@pytest.mark.parametrize("value", ["-5", "nan"])
+def test_serve_refuses_a_bad_shed_after_ms_before_loading_anything(value: str) -> None:
+    assert_one_line_error(cli("serve", "--shed-after-ms", value), "shed_after_ms=", "allowed: 0 (never) to 60000")
+
+
 def test_serve_names_a_device_that_does_not_exist() -> None:
     assert_one_line_error(cli("serve", "--device", "tpu9"), "--device 'tpu9' is not a device", "use cpu, cuda")
 

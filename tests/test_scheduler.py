@@ -311,3 +311,31 @@ def test_metrics_render_cumulative_histograms() -> None:
     assert lines["whisper_stream_inference_failures_total"] == "1"
     assert lines['whisper_stream_errors_total{code="bad_audio"}'] == "1"
     assert lines["whisper_stream_streams_capacity"] == "4"
+
+
+async def test_a_final_decode_that_waited_past_shed_after_ms_runs_with_the_short_context() -> None:
+    contexts: list[tuple[float, float]] = []
+
+    class Recording(FakeRunner):
+        def __call__(self, engine: object, requests: list[WindowRequest]) -> list[WindowReply | Exception]:
+            contexts.extend((float(r.audio[0]), r.context) for r in requests)
+            return super().__call__(engine, requests)
+
+    runner = Recording(hold_first=True)
+    final = replace(request(1), final=True, context=30.0)
+    async with busy_worker(runner, shed_after_ms=50) as (scheduler, first):
+        waited = asyncio.create_task(scheduler.submit(final))
+        await asyncio.sleep(0.2)
+        runner.release.set()
+        await first
+        await waited
+        prompt = replace(request(2), final=True, context=30.0)
+        await scheduler.submit(prompt)  # a free worker takes it at once: full context
+        assert scheduler.metrics.shed_decodes == 1
+    assert contexts == [(0.0, 0.0), (1.0, 0.0), (2.0, 30.0)]
+    assert final.context == 30.0  # the caller's request is left as it was
+
+
+def test_shed_after_ms_out_of_range_is_refused() -> None:
+    with pytest.raises(ValueError, match="shed_after_ms=-1 is out of range"):
+        Scheduler(object(), shed_after_ms=-1)

@@ -386,6 +386,7 @@ async def test_http_endpoints(engine: Engine) -> None:
         for name in ("whisper_stream_streams_active 1", "whisper_stream_audio_seconds_total",
                      'whisper_stream_batch_size_bucket{le="+Inf"}', "whisper_stream_queue_delay_seconds_count",
                      "whisper_stream_real_time_factor", "whisper_stream_streams_capacity 3",
+                     "# TYPE whisper_stream_shed_decodes_total counter",
                      "# TYPE whisper_stream_errors_total counter"):
             assert name in body, name
         status, headers, body = await asyncio.to_thread(http_get, base + "/")
