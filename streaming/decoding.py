@@ -67,18 +67,18 @@ def compression_ratio(text: str) -> float:
 class Prefill:
     """Decoder state after the initial tokens over one audio window, reusable across passes.
 
-    A greedy decode's ``draft`` (see :class:`DecodingOptions`) is fed in the same pass: ``draft_logits`` are
-    the logits after each of its tokens and ``ahead`` the cache that holds them too; ``cache`` holds only
-    the initial tokens.
+    A greedy decode's ``draft`` (see :class:`DecodingOptions`; empty for other decodes) is fed in the same
+    pass: ``draft_logits`` [len(draft), vocab] are the logits after each of its tokens and ``ahead`` the cache
+    that holds them too; ``cache`` holds only the initial tokens.
     """
 
     initial: list[int]
     cache: KVCache
     last_logits: Tensor
     no_speech_prob: float
-    draft: tuple[int, ...] = ()
-    draft_logits: Tensor | None = None
-    ahead: KVCache | None = None
+    draft: tuple[int, ...]
+    draft_logits: Tensor
+    ahead: KVCache
 
 
 def initial_tokens(tokenizer: Tokenizer, options: DecodingOptions) -> tuple[list[int], int]:
@@ -256,13 +256,10 @@ def decode_greedy_batch(model: Whisper, jobs: list[GreedyJob]) -> list[DecodingR
     active, caches = [], []  # the job of each batch row, and its cache
     for i, job in enumerate(jobs):
         start = job.start
-        logits = start.last_logits[None]
-        if start.draft:
-            logits = torch.cat([logits, start.draft_logits])
-        kept, finished = choose(i, logits, start.draft)
+        kept, finished = choose(i, torch.cat([start.last_logits[None], start.draft_logits]), start.draft)
         if not finished:
             active.append(i)
-            caches.append(start.ahead.trim(len(start.initial) + kept) if start.draft else start.cache)
+            caches.append(start.ahead.trim(len(start.initial) + kept))
     cache = KVCache.stack(caches) if active else None
     while active:
         feed = torch.tensor([[seqs[i][-1]] for i in active], device=model.device)
