@@ -27,12 +27,21 @@ def require_eval() -> None:
                  "or set WHISPER_STREAM_EVAL to the eval directory")
 
 
+def stream_path(name: str) -> Path:
+    """An eval stream's description: a name in ../shared/eval/streams, or the path of a NAME.json built
+    elsewhere in the same format (the held-out streams of ``heldout.py``)."""
+    if name.endswith(".json"):
+        return Path(name)
+    require_eval()
+    return STREAMS / f"{name}.json"
+
+
 def load_stream(name: str) -> tuple[np.ndarray, dict]:
     """Audio (16 kHz mono float32) and the reference description of an eval stream."""
-    require_eval()
-    with wave.open(str(STREAMS / f"{name}.wav")) as w:
+    path = stream_path(name)
+    with wave.open(str(path.with_suffix(".wav"))) as w:
         audio = np.frombuffer(w.readframes(w.getnframes()), np.int16).astype(np.float32) / 32768
-    return audio, json.loads((STREAMS / f"{name}.json").read_text())
+    return audio, json.loads(path.read_text())
 
 
 def scorer():

@@ -99,6 +99,13 @@ def main() -> None:
     parser.add_argument("--hangover-ms", type=int, default=VadConfig.hangover_ms)
     parser.add_argument("--short-utterance-ms", type=int, default=VadConfig.short_utterance_ms,
                         help="utterances shorter than this need twice the endpoint pause (0: off)")
+    parser.add_argument("--noise-margin-db", type=float, default=VadConfig.noise_margin_db,
+                        help="voiced frames are this far above the tracked noise floor (0: no noise gate)")
+    parser.add_argument("--long-utterance-ms", type=int, default=VadConfig.long_utterance_ms,
+                        help="past this, a pause of --long-endpoint-ms ends an utterance")
+    parser.add_argument("--long-endpoint-ms", type=int, default=VadConfig.long_endpoint_ms)
+    parser.add_argument("--max-pending", type=float, default=StreamOptions.max_pending,
+                        help="seconds of uncommitted speech after which an endpoint is forced")
     parser.add_argument("--beam-size", type=int, default=StreamOptions.beam_size)
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "out"))
     parser.add_argument("--debug-log", default=None, help="write the recogniser's debug log here")
@@ -112,9 +119,12 @@ def main() -> None:
                             commit_margin=args.commit_margin, commit_probability=args.commit_probability,
                             beam_size=args.beam_size, context=args.context,
                             final_context=args.final_context, silence=args.silence,
-                            final_beam_size=args.final_beam_size,
+                            final_beam_size=args.final_beam_size, max_pending=args.max_pending,
                             vad=VadConfig(endpoint_ms=args.endpoint_ms, hangover_ms=args.hangover_ms,
-                                          short_utterance_ms=args.short_utterance_ms))
+                                          short_utterance_ms=args.short_utterance_ms,
+                                          noise_margin_db=args.noise_margin_db,
+                                          long_utterance_ms=args.long_utterance_ms,
+                                          long_endpoint_ms=args.long_endpoint_ms))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     score = scorer().score
@@ -126,17 +136,20 @@ def main() -> None:
           f"{args.endpoint_ms} ms, hangover {args.hangover_ms} ms, "
           f"context {args.context or 'window'} + {args.silence:g} s, "
           f"final context {args.final_context} s, "
-          f"final beam {args.final_beam_size}, {machine()}")
-    print(f"{'stream':<12} {'WER %':>6} {'p50 s':>6} {'p90 s':>6} {'words':>6} {'cpu s/audio s':>14} {'decodes':>8}")
+          f"final beam {args.final_beam_size}, noise margin {args.noise_margin_db:g} dB, long utterance "
+          f"{args.long_utterance_ms} ms / {args.long_endpoint_ms} ms, max pending {args.max_pending:g} s, "
+          f"{machine()}")
+    print(f"{'stream':<18} {'WER %':>6} {'p50 s':>6} {'p90 s':>6} {'words':>6} {'cpu s/audio s':>14} {'decodes':>8}")
     for name in args.streams:
         audio, reference = load_stream(name)
         log, stats = play(engine, audio, options, args.speed)
+        name = Path(name).stem
         path = out / f"{name}.jsonl"
         path.write_text("".join(json.dumps(e) + "\n" for e in log))
         result = score(reference, log)
         wer = "-" if result["wer"] is None else f"{100 * result['wer']:6.2f}"
         fmt = lambda v: "-" if v is None else f"{v:6.2f}"  # noqa: E731
-        print(f"{name:<12} {wer:>6} {fmt(result['latency_p50']):>6} {fmt(result['latency_p90']):>6} "
+        print(f"{name:<18} {wer:>6} {fmt(result['latency_p50']):>6} {fmt(result['latency_p90']):>6} "
               f"{result['hyp_words']:>6} {stats['cpu_seconds'] / stats['audio_seconds']:14.3f} "
               f"{stats['decodes']:>8}", flush=True)
 

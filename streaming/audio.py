@@ -294,6 +294,8 @@ def _decode_ffmpeg(path: str, sample_rate: int, reason: str) -> np.ndarray:
     cmd += ["-f", "s16le", "-ac", "1", "-ar", str(sample_rate), "-"]
     proc = subprocess.run(cmd, capture_output=True, check=False)
     if proc.returncode != 0:
-        detail = proc.stderr.decode(errors="replace").strip() or f"exit status {proc.returncode}"
-        raise AudioFormatError(f"ffmpeg could not decode {path!r}: {detail}; check that it is an audio file")
+        lines = proc.stderr.decode(errors="replace").split("\n")
+        detail = "; ".join(line.strip() for line in lines if line.strip()) or f"exit status {proc.returncode}"
+        raise AudioFormatError(f"{path!r} {reason}, and ffmpeg could not decode it either ({detail}): "
+                               "check that it is an audio file")
     return np.frombuffer(proc.stdout, dtype="<i2", count=len(proc.stdout) // 2).astype(np.float32) / 32768.0

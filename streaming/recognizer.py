@@ -46,6 +46,7 @@ class StreamOptions:
     context: float = 0.0
     silence: float = TRAILING_SILENCE
     final_context: float = 30.0
+    max_pending: float = 3.0
 
     def __post_init__(self) -> None:
         if self.task not in ("transcribe", "translate"):
@@ -65,6 +66,8 @@ class StreamOptions:
                 raise ValueError(f"{name}={getattr(self, name)} is out of range; allowed: 1 to 10")
         if not 0 <= self.silence <= 10:
             raise ValueError(f"silence={self.silence} is out of range; allowed: 0 to 10 seconds")
+        if not 1 <= self.max_pending <= 20:
+            raise ValueError(f"max_pending={self.max_pending} is out of range; allowed: 1 to 20 seconds")
         for name in ("context", "final_context"):
             if not 0 <= getattr(self, name) <= 30:
                 raise ValueError(f"{name}={getattr(self, name)} is out of range; allowed: 0 to 30 seconds")
@@ -75,8 +78,11 @@ FINAL_DECODE_MIN_NEW = 0.1
 # Language detection on a second of audio is unreliable: detect on every decode until a window holds this
 # much speech, an utterance ends or words are committed, then keep that language for the stream.
 LANGUAGE_LOCK_SECONDS = 3.0
-# A window that has not committed anything for this long is committed whole (bounds latency).
-FORCE_COMMIT_SECONDS = 20.0
+# Where a window is cut without an endpoint: the quietest QUIET_SPAN of the window's end, between
+# QUIET_SEARCH and QUIET_MARGIN seconds before it (the decodes so far heard audio after the cut).
+QUIET_SPAN = 0.1
+QUIET_SEARCH = 1.5
+QUIET_MARGIN = 0.3
 
 
 class StreamCore:
@@ -93,9 +99,11 @@ class StreamCore:
         self._window_words: list[Word] = []  # committed words still inside the window (forced prefix)
         self._utterance_words: list[Word] = []  # committed in this utterance, to drop re-decoded text
         self._draft: tuple[int, ...] = ()  # tokens of the partial: what the next decode probably says first
+        self._hypothesis: list[Word] = []  # the newest hypothesis's words after the committed ones
         self._pending: WindowRequest | None = None
         self._decoded_to = 0  # window end sample at the last decode
         self._ending = False  # an endpoint was reached: decode once more and commit everything
+        self._cut: int | None = None  # the sample where a forced endpoint ends the utterance (None: window end)
         self._segment = 0
         self._revision = 0
         self._partial_text = ""
@@ -144,22 +152,23 @@ class StreamCore:
 
     def _final_decode_needed(self) -> bool:
         """At an endpoint, decode again if audio arrived since the last decode or words wait to be committed
-        (the final decode, with full context and beam search, decides them)."""
-        return (self._window.end_sample - self._decoded_to > FINAL_DECODE_MIN_NEW * SAMPLE_RATE
-                or self._agreement.pending)
+        (the final decode, with full context and beam search, decides them); always at a forced endpoint."""
+        return (self._cut is not None or self._agreement.pending
+                or self._window.end_sample - self._decoded_to > FINAL_DECODE_MIN_NEW * SAMPLE_RATE)
 
     def _request(self, final: bool) -> WindowRequest:
         """Interim decodes are cheap: a short audio context, greedy, no previous-text prompt (with a short
         context the prompt makes Whisper copy it). The decode at an endpoint, which commits the rest of the
         utterance, gets Whisper's full context, the prompt and beam search."""
         o = self.options
+        end = self._window.length if self._cut is None else self._cut - self._window.start_sample
         self._pending = WindowRequest(
-            audio=self._window.audio.copy(), prompt=tuple(self._context[-PROMPT_TOKENS:]) if final else (),
+            audio=self._window.audio[:end].copy(), prompt=tuple(self._context[-PROMPT_TOKENS:]) if final else (),
             prefix=tuple(t for w in self._window_words for t in w.tokens), draft=self._draft,
             initial_prompt=o.prompt, language=self.language, task=o.task, final=final,
             beam_size=o.final_beam_size if final else o.beam_size, context=o.final_context if final else o.context,
             silence=o.silence)
-        self._decoded_to = self._window.end_sample
+        self._decoded_to = self._window.start_sample + end
         return self._pending
 
     def complete(self, request: WindowRequest, reply: WindowReply) -> list[Event]:
@@ -172,6 +181,7 @@ class StreamCore:
             # more audio, or the final decode at the endpoint, decides.
             log.debug("window %.2f-%.2fs: no usable hypothesis (no-speech %.2f, avg logprob %.2f)",
                       self._window.start, self._window.end, reply.no_speech_prob, reply.avg_logprob)
+            self._force_endpoint_if_stalled()
             return self._advance()
         events: list[Event] = []
         offset = self._window.start
@@ -179,12 +189,11 @@ class StreamCore:
                  for w in reply.words]
         words = drop_redecoded(cut_loops(self._window_words, words), self._utterance_words)
         heard_until = offset + len(request.audio) / SAMPLE_RATE
-        if request.final or self._window.duration >= FORCE_COMMIT_SECONDS:
-            committed, _ = self._agreement.update(words, heard_until)
+        committed, partial = self._agreement.update(words, heard_until)
+        if request.final:
             committed, partial = committed + self._agreement.commit_all(), []
-        else:
-            committed, partial = self._agreement.update(words, heard_until)
         self._draft = tuple(t for w in partial for t in w.tokens)
+        self._hypothesis = partial
         log.debug("window %.2f-%.2fs final=%s prefix=%d tokens: heard %r, committed %r",
                   self._window.start, self._window.end, request.final, len(request.prefix),
                   "".join(w.word for w in reply.words), "".join(w.text for w in committed))
@@ -198,6 +207,7 @@ class StreamCore:
         else:
             events += self._partial(partial)
             self._trim()
+            self._force_endpoint_if_stalled()
         return events + self._advance()
 
     # --- internals -----------------------------------------------------------------------------------
@@ -264,11 +274,14 @@ class StreamCore:
         self._context += [t for w in self._window_words for t in w.tokens]
         self._context = self._context[-PROMPT_TOKENS:]
         self._window_words, self._utterance_words, self._partial_text, self._utterance_has_text = [], [], "", False
-        self._draft = ()
+        self._draft, self._hypothesis = (), []
         self._agreement.reset()
-        self._window.open(self._window.end_sample)
-        self._decoded_to = self._window.end_sample
-        self._ending = False
+        if self._cut is None:
+            self._window.open(self._window.end_sample)
+        else:  # a forced endpoint: the audio after the cut starts the next utterance
+            self._window.trim(self._cut / SAMPLE_RATE)
+        self._decoded_to = self._window.start_sample
+        self._ending, self._cut = False, None
         return events
 
     def _trim(self) -> None:
@@ -288,6 +301,46 @@ class StreamCore:
         done, self._window_words = words[:cut], words[cut:]
         self._context = (self._context + [t for w in done for t in w.tokens])[-PROMPT_TOKENS:]
         self._window.trim(self._window_words[0].start)
+
+    def _force_endpoint_if_stalled(self) -> None:
+        """Speech with no pause for the VAD to end it (continuous talk, babble, music) and words that do not
+        agree would hold the transcript back without bound: once ``max_pending`` seconds of the window are
+        not committed, end the utterance at the quietest point near the window's end, as if the VAD had."""
+        committed_to = self._window_words[-1].end if self._window_words else self._window.start
+        if self._ending or self._window.end - committed_to < self.options.max_pending:
+            return
+        self._cut = self._quiet_point()
+        self._ending = True
+        log.debug("window %.2f-%.2fs: nothing committed for %.1fs; endpoint forced at %.2fs", self._window.start,
+                  self._window.end, self._window.end - committed_to, self._cut / SAMPLE_RATE)
+
+    def _quiet_point(self) -> int:
+        """Where to cut, a sample on the stream timeline: in the quietest gap between two words of the
+        newest hypothesis that ends between ``QUIET_SEARCH`` and ``QUIET_MARGIN`` seconds before the window's
+        end (the decodes so far heard audio on both sides of it), or, with no such gap, at the quietest
+        ``QUIET_SPAN`` there."""
+        audio, origin = self._window.audio, self._window.start_sample
+        lo = max(0, audio.size - round(QUIET_SEARCH * SAMPLE_RATE))
+        hi = max(lo + 1, audio.size - round(QUIET_MARGIN * SAMPLE_RATE))
+        words = self._window_words[-1:] + self._hypothesis
+        gaps = [(round(a.end * SAMPLE_RATE) - origin, round(b.start * SAMPLE_RATE) - origin)
+                for a, b in zip(words, words[1:])]
+        gaps = [(max(a, lo), min(b, hi)) for a, b in gaps if a < hi and b > lo and b >= a]
+        if gaps:
+            return origin + min((_quietest(audio, a, b) for a, b in gaps), key=lambda q: q[1])[0]
+        return origin + _quietest(audio, lo, hi)[0]
+
+
+def _quietest(audio: np.ndarray, lo: int, hi: int) -> tuple[int, float]:
+    """The middle of the quietest ``QUIET_SPAN`` (or less, in a shorter range) of ``audio[lo:hi]``, and its
+    mean energy."""
+    span = max(1, min(round(QUIET_SPAN * SAMPLE_RATE), hi - lo))
+    energy = np.concatenate(([0.0], np.cumsum(np.square(audio[lo:hi], dtype=np.float64))))
+    sums = energy[span:] - energy[:-span]
+    if not sums.size:
+        return lo, float("inf")
+    best = int(np.argmin(sums))
+    return lo + best + span // 2, float(sums[best]) / span
 
 
 class Recognizer:

@@ -31,6 +31,10 @@ class VadConfig:
     short_utterance_ms: int = 1000
     min_speech_ms: int = 90
     energy_floor_dbfs: float = -55.0
+    noise_margin_db: float = 6.0
+    noise_window_ms: int = 3000
+    long_utterance_ms: int = 6000
+    long_endpoint_ms: int = 150
 
     def validate(self) -> None:
         """Raise ValueError naming the first field whose value is outside its allowed range."""
@@ -43,6 +47,10 @@ class VadConfig:
         _check("short_utterance_ms", self.short_utterance_ms, 0, 10000)
         _check("min_speech_ms", self.min_speech_ms, 0, 2000)
         _check("energy_floor_dbfs", self.energy_floor_dbfs, -120.0, 0.0)
+        _check("noise_margin_db", self.noise_margin_db, 0.0, 40.0)
+        _check("noise_window_ms", self.noise_window_ms, 300, 30000)
+        _check("long_utterance_ms", self.long_utterance_ms, 1000, 60000)
+        _check("long_endpoint_ms", self.long_endpoint_ms, self.frame_ms, self.endpoint_ms, " (must be <= endpoint_ms)")
 
 
 def _check(name: str, value: float, lo: float, hi: float, note: str = "") -> None:
@@ -88,10 +96,16 @@ def to_pcm16(audio: np.ndarray) -> bytes:
 class VoiceActivityDetector:
     """Incremental speech segmenter: feed any chunk size, get :data:`VadEvent` lists back.
 
+    A frame is voiced when webrtcvad says so and its level is at least ``energy_floor_dbfs`` and
+    ``noise_margin_db`` above the noise floor, the quietest frame of the last ``noise_window_ms``: under a
+    steady noise floor (room tone, fans, distant voices) webrtcvad alone hears speech everywhere and no
+    utterance ever ends.
     Onset needs ``min_speech_ms`` of voiced frames within a look-back of twice that length.
     Inside an utterance any voiced frame extends it; a pause of ``endpoint_ms`` ends it, or twice that
     while it holds less than ``short_utterance_ms`` of audio since the onset: a word or two cut off alone
     decodes badly ("rear | right" became "We're"), and the wait costs latency only on short utterances.
+    Once an utterance has gone on for ``long_utterance_ms``, a pause of ``long_endpoint_ms`` (the breath
+    between phrases of continuous talk) ends it, so that utterances, and the windows decoded, stay bounded.
     """
 
     def __init__(self, config: VadConfig | None = None) -> None:
@@ -104,7 +118,13 @@ class VoiceActivityDetector:
         self._endpoint = config.endpoint_ms * _SAMPLES_PER_MS
         self._short = config.short_utterance_ms * _SAMPLES_PER_MS
         self._min_frames = max(1, math.ceil(config.min_speech_ms / config.frame_ms))
-        self._floor_rms = 10.0 ** (config.energy_floor_dbfs / 20.0)
+        self._floor_db = config.energy_floor_dbfs
+        self._margin_db = config.noise_margin_db
+        self._noise_frames = max(1, config.noise_window_ms // config.frame_ms)
+        self._levels: deque[tuple[int, float]] = deque()  # (frame number, dB): increasing levels, a sliding min
+        self._frames = 0
+        self._long = config.long_utterance_ms * _SAMPLES_PER_MS
+        self._long_endpoint = config.long_endpoint_ms * _SAMPLES_PER_MS
         self._recent: deque[tuple[int, bool]] = deque(maxlen=2 * self._min_frames)
         self._history_len = self._pre_pad + self._recent.maxlen * self._frame
         self._history = np.zeros(0, np.float32)  # idle audio ending at self._pos
@@ -152,9 +172,21 @@ class VoiceActivityDetector:
             self._end(min(self._last_voiced_end + self._hangover, self._pos), events)
         return events
 
+    @property
+    def noise_floor_dbfs(self) -> float:
+        """The level of the quietest frame in the last ``noise_window_ms`` (-120 before any audio)."""
+        return self._levels[0][1] if self._levels else -120.0
+
     def _is_voiced(self, frame: np.ndarray) -> bool:
-        rms = math.sqrt(float(np.mean(np.square(frame, dtype=np.float64))))
-        return rms >= self._floor_rms and self._vad.is_speech(to_pcm16(frame), SAMPLE_RATE)
+        level = 10.0 * math.log10(float(np.mean(np.square(frame, dtype=np.float64))) + 1e-12)
+        self._frames += 1
+        while self._levels and self._levels[-1][1] >= level:
+            self._levels.pop()
+        self._levels.append((self._frames, level))
+        if self._levels[0][0] <= self._frames - self._noise_frames:
+            self._levels.popleft()
+        gate = max(self._floor_db, self.noise_floor_dbfs + self._margin_db)
+        return level >= gate and self._vad.is_speech(to_pcm16(frame), SAMPLE_RATE)
 
     def _process(self, frame: np.ndarray, voiced: bool, events: list[VadEvent]) -> None:
         start, self._pos = self._pos, self._pos + frame.size
@@ -193,9 +225,12 @@ class VoiceActivityDetector:
             self._emitted_end = start + cut
         if cut < frame.size:
             self._pending.append(frame[cut:])
-        endpoint = self._endpoint * (2 if self._last_voiced_end - self._onset < self._short else 1)
+        spoken = self._last_voiced_end - self._onset
+        endpoint = 2 * self._endpoint if spoken < self._short else self._endpoint
+        if spoken >= self._long:
+            endpoint = self._long_endpoint
         if self._pos - self._last_voiced_end >= endpoint:
-            self._end(hang_end, events)
+            self._end(min(hang_end, self._pos), events)
 
     def _end(self, end: int, events: list[VadEvent]) -> None:
         events.append(SpeechEnd(end))

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import importlib.resources
 import json
+import os
 import re
+import shutil
 import subprocess
 import sys
 import wave
@@ -29,9 +31,10 @@ def seconds(match: tuple[str, ...]) -> float:
     return h * 3600 + m * 60 + s + ms / 1000
 
 
-def cli(*args: str | Path, timeout: float = 180) -> subprocess.CompletedProcess:
+def cli(*args: str | Path, timeout: float = 180, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "streaming.cli", *(str(a) for a in args)]
-    return subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout, check=False)
+    return subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout, check=False,
+                          env=env)
 
 
 def transcribe(wav: Path, *args: str | Path) -> subprocess.CompletedProcess:
@@ -113,10 +116,22 @@ def test_missing_file(tmp_path) -> None:
     assert_one_line_error(cli("transcribe", path), f"cannot read {path}", "not found")
 
 
-def test_non_audio_file(tmp_path) -> None:
+@pytest.mark.parametrize("ffmpeg", ["absent", "present"])
+def test_non_audio_file(tmp_path, ffmpeg) -> None:
+    """The message names the file and says it is not audio, whether or not ffmpeg had a try at it."""
+    env = dict(os.environ)
+    if ffmpeg == "absent":
+        env["PATH"] = str(tmp_path)  # the CLI runs as sys.executable; nothing else is needed on PATH
+        expected = "install ffmpeg"
+    elif shutil.which("ffmpeg") is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("CI must have ffmpeg on PATH (apt-get install ffmpeg)")
+        pytest.skip("ffmpeg is not installed: apt-get install ffmpeg")
+    else:
+        expected = "ffmpeg could not decode it"
     path = tmp_path / "notes.txt"
     path.write_text("not audio at all\n")
-    assert_one_line_error(cli("transcribe", path), f"cannot read {path}", "not a WAV file")
+    assert_one_line_error(cli("transcribe", path, env=env), f"cannot read {path}", "not a WAV file", expected)
 
 
 def test_corrupt_wav(tmp_path) -> None:

@@ -41,6 +41,17 @@ def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return max_diff(a, b) / b.abs().max().item()
 
 
+def rel_norm_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    """||a - b|| / ||b|| over the whole tensor: unlike one element's last digits, this does not depend on
+    which CPU's kernels summed in which order."""
+    return (torch.linalg.vector_norm(a.double() - b.double()) / torch.linalg.vector_norm(b.double())).item()
+
+
+# float32 against CTranslate2's float32: the encoder output differs by 2.9e-6 (measured 2026-12-03 on an AVX2-only
+# AMD EPYC, where one element of it differs by 0.0017); a wrong weight, layout or layer norm gives 1e-2 and more.
+CT2_TOLERANCE = 1e-4
+
+
 # Writers for the other formats, written from the format descriptions rather than from streaming.weights --
 
 def hf_state(model: Whisper) -> dict[str, torch.Tensor]:
@@ -283,13 +294,17 @@ def test_against_ctranslate2(kind, real_model, bundled_dir, tmp_path):
     features, logits = run(ours, 3000)
     ct2_mel = ctranslate2.StorageView.from_array(mel.numpy())
     ct2_features = np.array(theirs.encode(ct2_mel, to_cpu=True))
-    np.testing.assert_allclose(ct2_features, features.numpy(), atol=1e-3, rtol=1e-4)
+    # Two correct float32 implementations sum in different orders, and the kernels (AVX2, AVX-512, AMX)
+    # differ between CPUs: single elements of a 4-layer encoder can then differ by ~1e-3 of their value.
+    # What must agree is the whole tensor, to float32 accumulation noise, and the tokens the logits choose.
+    assert rel_norm_diff(features, torch.from_numpy(ct2_features)) <= CT2_TOLERANCE, kind
     # Forced decoding of TOKENS: CTranslate2 reports the raw logits after each prompt token but the first.
     result = theirs.generate(ct2_mel, [TOKENS], beam_size=1, max_length=len(TOKENS) + 2, return_logits_vocab=True,
                              suppress_blank=False, suppress_tokens=[])[0]
     ct2_logits = np.array(result.logits[0]).reshape(-1, 51864)[: len(TOKENS) - 1]
     assert len(ct2_logits) == len(TOKENS) - 1
-    np.testing.assert_allclose(ct2_logits, logits[0, 1:].numpy(), atol=1e-3, rtol=1e-4)
+    assert rel_norm_diff(logits[0, 1:], torch.from_numpy(ct2_logits)) <= CT2_TOLERANCE, kind
+    assert np.array_equal(ct2_logits.argmax(-1), logits[0, 1:].argmax(-1).numpy()), kind
 
 
 # Bad paths: always ModelLoadError, naming the path ------------------------------------------------
