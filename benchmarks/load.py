@@ -15,7 +15,8 @@ the mean time a decode waited in the queue, and the time per heap trim.
 ``--windows N`` instead times ``run_windows`` on N window requests captured from a recogniser on real audio:
 one batched call against one call per request, in the same process.
 
-Usage: python benchmarks/load.py [--streams 1 2 4 8 16] [--max-batch 8 1] [--seconds 60] [--workers 2]
+Usage: python benchmarks/load.py [--streams 1 2 4 8 16] [--stream en_continuous] [--max-batch 8 1]
+                                 [--seconds 60] [--workers 2]
                                  [--threads N] [--dtype bfloat16] [--max-utilization 0.8]
                                  [--start-options '{"min_chunk": 1.0}']
        python benchmarks/load.py --windows 8 [--repeats 5]
@@ -49,8 +50,13 @@ from streaming.recognizer import StreamCore, StreamOptions
 
 SR = 16000
 CHUNK = 320  # 20 ms, as a live client sends
-STREAMS = ("en_prompts", "en_mixed")
+STREAMS = ["en_prompts", "en_mixed"]  # the eval streams the clients take excerpts of, in turn (--stream)
 LEAD_IN = 0.2  # seconds of the silence before an utterance that an excerpt starts with (gaps are >= 0.2 s)
+
+
+def source(client: int) -> tuple[str, int]:
+    """The stream client number ``client`` takes its excerpt of, and its turn on that stream."""
+    return STREAMS[client % len(STREAMS)], client // len(STREAMS)
 
 
 def excerpt(name: str, client: int, seconds: float) -> tuple[np.ndarray, dict]:
@@ -171,7 +177,7 @@ async def run_clients(url: str, excerpts: list[tuple[np.ndarray, dict]], options
 def load_run(server: ServerProcess, n: int, seconds: float, out: Path, options: dict) -> dict[str, float]:
     """N streams at once against ``server``; the pooled scores and the server's share of the work. The
     event logs go to ``out``/client-I.jsonl."""
-    excerpts = [excerpt(STREAMS[i % len(STREAMS)], i // len(STREAMS), seconds) for i in range(n)]
+    excerpts = [excerpt(*source(i), seconds) for i in range(n)]
     before, cpu = server.metrics(), server.cpu_seconds()
     started = time.perf_counter()
     logs = asyncio.run(run_clients(f"ws://127.0.0.1:{server.port}/v1/listen", excerpts, options))
@@ -212,7 +218,7 @@ def captured_requests(engine: Engine, n: int, seconds: float = 20.0) -> list[Win
     excerpt (a greedy interim decode or a final one, with its committed prefix and prompt)."""
     picked = []
     for i in range(n):
-        audio, _ = excerpt(STREAMS[i % len(STREAMS)], i // len(STREAMS), seconds)
+        audio, _ = excerpt(*source(i), seconds)
         core, requests = StreamCore(StreamOptions(language="en"), engine.multilingual), []
         for at in range(0, len(audio), CHUNK):
             core.feed(audio[at: at + CHUNK])
@@ -249,7 +255,7 @@ def offline_wers(model: str, counts: list[int], seconds: float) -> None:
     for n in counts:
         errors = words = 0
         for i in range(n):
-            audio, reference = excerpt(STREAMS[i % len(STREAMS)], i // len(STREAMS), seconds)
+            audio, reference = excerpt(*source(i), seconds)
             text = transcribe(engine, audio, TranscribeOptions(language="en")).text
             result = score.score(reference, [{"t": 0.0, "type": "final", "text": text}])
             errors, words = errors + result["errors"], words + result["words"]
@@ -260,6 +266,8 @@ def offline_wers(model: str, counts: list[int], seconds: float) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--streams", type=int, nargs="+", default=[1, 2, 4, 8, 16])
+    parser.add_argument("--stream", nargs="+", default=STREAMS, metavar="NAME",
+                        help="eval streams the clients take excerpts of, in turn (e.g. en_continuous)")
     parser.add_argument("--max-batch", type=int, nargs="+", default=[8, 1], help="scheduler batch sizes to compare")
     parser.add_argument("--seconds", type=float, default=60.0, help="audio per stream")
     parser.add_argument("--model", default="tiny.en")
@@ -279,6 +287,7 @@ def main() -> None:
     parser.add_argument("--offline", action="store_true",
                         help="print our offline WER on the same excerpts instead (the streaming bound)")
     args = parser.parse_args()
+    STREAMS[:] = args.stream
     if args.offline:
         configure_threads(args.threads)
         offline_wers(args.model, args.streams, args.seconds)
@@ -290,7 +299,8 @@ def main() -> None:
     print(f"# load, {args.model}, {args.seconds:g} s per stream, server workers {args.workers or 'default'}, threads "
           f"{args.threads or 'default'}, dtype {args.dtype or 'default'}, "
           f"max utilization {args.max_utilization or 'off'}, {args.server_args or 'no other flags'}, "
-          f"start options {json.dumps(args.start_options) if args.start_options else 'none'}, {machine()}")
+          f"start options {json.dumps(args.start_options) if args.start_options else 'none'}, "
+          f"streams {' '.join(STREAMS)}, {machine()}")
     print(f"{'streams':>7} {'admitted':>8} {'batch':>5} {'WER %':>6} {'p50 s':>6} {'p90 s':>6} {'last':>5} "
           f"{'inner':>5} {'cpu s/audio s':>13} {'infer s/audio s':>15} "
           f"{'mean batch':>10} {'queue ms':>8} {'decodes':>7} {'wall s':>6} {'ms/heap trim':>12}")

@@ -103,7 +103,9 @@ class StreamCore:
         self._pending: WindowRequest | None = None
         self._decoded_to = 0  # window end sample at the last decode
         self._ending = False  # an endpoint was reached: decode once more and commit everything
-        self._cut: int | None = None  # the sample where a forced endpoint ends the utterance (None: window end)
+        self._cut: int | None = None  # sample: a forced commit is due for the words before it
+        self._forced: WindowRequest | None = None  # the forced commit's decode, while in flight
+        self._forced_from = 0  # sample: the next forced commit waits for max_pending after this
         self._segment = 0
         self._revision = 0
         self._partial_text = ""
@@ -146,29 +148,31 @@ class StreamCore:
             return self._pending
         if self._ending:
             return self._request(final=True) if self._final_decode_needed() else None
+        if self._cut is not None:
+            self._forced = self._request(final=True)
+            return self._forced
         if self._window.end_sample - self._decoded_to < self.options.min_chunk * SAMPLE_RATE:
             return None
         return self._request(final=False)
 
     def _final_decode_needed(self) -> bool:
         """At an endpoint, decode again if audio arrived since the last decode or words wait to be committed
-        (the final decode, with full context and beam search, decides them); always at a forced endpoint."""
-        return (self._cut is not None or self._agreement.pending
-                or self._window.end_sample - self._decoded_to > FINAL_DECODE_MIN_NEW * SAMPLE_RATE)
+        (the final decode, with full context and beam search, decides them)."""
+        return (self._window.end_sample - self._decoded_to > FINAL_DECODE_MIN_NEW * SAMPLE_RATE
+                or self._agreement.pending)
 
     def _request(self, final: bool) -> WindowRequest:
         """Interim decodes are cheap: a short audio context, greedy, no previous-text prompt (with a short
         context the prompt makes Whisper copy it). The decode at an endpoint, which commits the rest of the
-        utterance, gets Whisper's full context, the prompt and beam search."""
+        utterance, gets Whisper's full context, the prompt and beam search, as does a forced commit."""
         o = self.options
-        end = self._window.length if self._cut is None else self._cut - self._window.start_sample
         self._pending = WindowRequest(
-            audio=self._window.audio[:end].copy(), prompt=tuple(self._context[-PROMPT_TOKENS:]) if final else (),
+            audio=self._window.audio.copy(), prompt=tuple(self._context[-PROMPT_TOKENS:]) if final else (),
             prefix=tuple(t for w in self._window_words for t in w.tokens), draft=self._draft,
             initial_prompt=o.prompt, language=self.language, task=o.task, final=final,
             beam_size=o.final_beam_size if final else o.beam_size, context=o.final_context if final else o.context,
             silence=o.silence)
-        self._decoded_to = self._window.start_sample + end
+        self._decoded_to = self._window.end_sample
         return self._pending
 
     def complete(self, request: WindowRequest, reply: WindowReply) -> list[Event]:
@@ -176,6 +180,7 @@ class StreamCore:
         if request is not self._pending:
             raise ValueError("complete() got a request this stream did not issue or already completed")
         self._pending = None
+        forced, self._forced = request is self._forced, None
         if reply.silence and not request.final:
             # Nothing usable (noise, or a decode that looped or was improbable): keep the hypotheses so far;
             # more audio, or the final decode at the endpoint, decides.
@@ -189,9 +194,12 @@ class StreamCore:
                  for w in reply.words]
         words = drop_redecoded(cut_loops(self._window_words, words), self._utterance_words)
         heard_until = offset + len(request.audio) / SAMPLE_RATE
-        committed, partial = self._agreement.update(words, heard_until)
-        if request.final:
-            committed, partial = committed + self._agreement.commit_all(), []
+        if forced:
+            committed, partial = self._split_at_cut(words, heard_until)
+        else:
+            committed, partial = self._agreement.update(words, heard_until)
+            if request.final:
+                committed, partial = committed + self._agreement.commit_all(), []
         self._draft = tuple(t for w in partial for t in w.tokens)
         self._hypothesis = partial
         log.debug("window %.2f-%.2fs final=%s prefix=%d tokens: heard %r, committed %r",
@@ -202,7 +210,7 @@ class StreamCore:
             self.language = reply.language
             events.append(LanguageDetected(reply.language, reply.language_probability))
         events += self._commit(committed)
-        if request.final:
+        if request.final and not forced:
             events += self._end_utterance()
         else:
             events += self._partial(partial)
@@ -276,11 +284,8 @@ class StreamCore:
         self._window_words, self._utterance_words, self._partial_text, self._utterance_has_text = [], [], "", False
         self._draft, self._hypothesis = (), []
         self._agreement.reset()
-        if self._cut is None:
-            self._window.open(self._window.end_sample)
-        else:  # a forced endpoint: the audio after the cut starts the next utterance
-            self._window.trim(self._cut / SAMPLE_RATE)
-        self._decoded_to = self._window.start_sample
+        self._window.open(self._window.end_sample)
+        self._decoded_to = self._forced_from = self._window.end_sample
         self._ending, self._cut = False, None
         return events
 
@@ -304,15 +309,44 @@ class StreamCore:
 
     def _force_endpoint_if_stalled(self) -> None:
         """Speech with no pause for the VAD to end it (continuous talk, babble, music) and words that do not
-        agree would hold the transcript back without bound: once ``max_pending`` seconds of the window are
-        not committed, end the utterance at the quietest point near the window's end, as if the VAD had."""
-        committed_to = self._window_words[-1].end if self._window_words else self._window.start
-        if self._ending or self._window.end - committed_to < self.options.max_pending:
+        agree would hold the transcript back without bound: once the newest hypothesis's first uncommitted
+        word is ``max_pending`` seconds old, a forced commit decodes the window as an endpoint would (full
+        context, prompt, beam search) and commits its words before a quiet word gap near the window's end;
+        the utterance and its window go on. A window in which nothing is heard is cut once it is
+        ``max_window`` long."""
+        if self._ending or self._cut is not None:
+            return
+        o = self.options
+        if self._hypothesis:
+            since = max(self._hypothesis[0].start, self._forced_from / SAMPLE_RATE)
+            if self._window.end - since < o.max_pending:
+                return
+        elif self._window.duration < o.max_window:
             return
         self._cut = self._quiet_point()
-        self._ending = True
-        log.debug("window %.2f-%.2fs: nothing committed for %.1fs; endpoint forced at %.2fs", self._window.start,
-                  self._window.end, self._window.end - committed_to, self._cut / SAMPLE_RATE)
+        log.debug("window %.2f-%.2fs: commit forced before %.2fs", self._window.start, self._window.end,
+                  self._cut / SAMPLE_RATE)
+
+    def _split_at_cut(self, words: list[Word], heard_until: float) -> tuple[list[Word], list[Word]]:
+        """A forced commit's result: the words before the cut are final, the rest is the new hypothesis.
+        Where the decode found nothing before the cut but the interim decodes heard words (noise made it
+        give up), nothing is committed and the audio is kept; where nobody heard anything, the audio before
+        the cut is dropped from the window."""
+        cut, self._cut = self._cut / SAMPLE_RATE, None
+        k = 0
+        while k < len(words) and (words[k].start + words[k].end) / 2 < cut:
+            k += 1
+        if not k and any(w.end <= cut for w in self._hypothesis):
+            self._forced_from = self._window.end_sample
+            return [], self._hypothesis
+        if not k:
+            self._context = (self._context + [t for w in self._window_words for t in w.tokens])[-PROMPT_TOKENS:]
+            self._window_words = []
+            self._window.trim(cut)
+        self._forced_from = round(cut * SAMPLE_RATE)
+        self._agreement.reset()
+        self._agreement.update(words[k:], heard_until)
+        return words[:k], words[k:]
 
     def _quiet_point(self) -> int:
         """Where to cut, a sample on the stream timeline: in the quietest gap between two words of the
