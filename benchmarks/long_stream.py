@@ -5,7 +5,7 @@ end, the decode time per window and the process memory: they must stay flat (no 
 cache). The stream runs as fast as possible, so latency here is algorithmic (audio time fed when the final
 is produced); stream_eval.py measures latency in real time.
 
-Usage: python benchmarks/long_stream.py [--minutes 30] [--threads 1] [--dtype auto]
+Usage: python benchmarks/long_stream.py [--minutes 30] [--streams en_continuous] [--threads 1] [--dtype auto]
 """
 
 from __future__ import annotations
@@ -33,11 +33,13 @@ def main() -> None:
     parser.add_argument("--minutes", type=float, default=30.0)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--report-minutes", type=float, default=5.0)
+    parser.add_argument("--streams", nargs="+", default=["en_prompts", "en_mixed", "noise_only"],
+                        help="eval streams concatenated, in turn, to --minutes (e.g. en_continuous)")
     parser.add_argument("--dtype", default="auto", help="auto (default, what serve uses), float32 or bfloat16")
     args = parser.parse_args()
     configure_threads(args.threads)
     engine = Engine.load("tiny.en", dtype=args.dtype)
-    pieces = [load_stream(name) for name in ("en_prompts", "en_mixed", "noise_only")]
+    pieces = [load_stream(name) for name in args.streams]
     total = int(args.minutes * 60 * 16000)
     chunks: list[np.ndarray] = []
     while sum(len(c) for c in chunks) < total:
