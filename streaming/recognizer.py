@@ -78,8 +78,8 @@ FINAL_DECODE_MIN_NEW = 0.1
 # Language detection on a second of audio is unreliable: detect on every decode until a window holds this
 # much speech, an utterance ends or words are committed, then keep that language for the stream.
 LANGUAGE_LOCK_SECONDS = 3.0
-# Where a window is cut without an endpoint: the quietest QUIET_SPAN of the window's end, between
-# QUIET_SEARCH and QUIET_MARGIN seconds before it (the decodes so far heard audio after the cut).
+# Where a forced commit cuts the window: the quietest QUIET_SPAN of the window's end, between QUIET_SEARCH and
+# QUIET_MARGIN seconds before it (the decodes so far heard audio after the cut).
 QUIET_SPAN = 0.1
 QUIET_SEARCH = 1.5
 QUIET_MARGIN = 0.3
@@ -186,7 +186,7 @@ class StreamCore:
             # more audio, or the final decode at the endpoint, decides.
             log.debug("window %.2f-%.2fs: no usable hypothesis (no-speech %.2f, avg logprob %.2f)",
                       self._window.start, self._window.end, reply.no_speech_prob, reply.avg_logprob)
-            self._force_endpoint_if_stalled()
+            self._force_commit_if_stalled()
             return self._advance()
         events: list[Event] = []
         offset = self._window.start
@@ -215,7 +215,7 @@ class StreamCore:
         else:
             events += self._partial(partial)
             self._trim()
-            self._force_endpoint_if_stalled()
+            self._force_commit_if_stalled()
         return events + self._advance()
 
     # --- internals -----------------------------------------------------------------------------------
@@ -279,8 +279,7 @@ class StreamCore:
         if self._utterance_has_text:
             events.append(UtteranceEnd(self._segment, self._window.end))
             self._segment += 1
-        self._context += [t for w in self._window_words for t in w.tokens]
-        self._context = self._context[-PROMPT_TOKENS:]
+        self._to_context(self._window_words)
         self._window_words, self._utterance_words, self._partial_text, self._utterance_has_text = [], [], "", False
         self._draft, self._hypothesis = (), []
         self._agreement.reset()
@@ -304,10 +303,10 @@ class StreamCore:
         if not cut:
             return
         done, self._window_words = words[:cut], words[cut:]
-        self._context = (self._context + [t for w in done for t in w.tokens])[-PROMPT_TOKENS:]
+        self._to_context(done)
         self._window.trim(self._window_words[0].start)
 
-    def _force_endpoint_if_stalled(self) -> None:
+    def _force_commit_if_stalled(self) -> None:
         """Speech with no pause for the VAD to end it (continuous talk, babble, music) and words that do not
         agree would hold the transcript back without bound: once the newest hypothesis's first uncommitted
         word is ``max_pending`` seconds old, a forced commit decodes the window as an endpoint would (full
@@ -340,13 +339,17 @@ class StreamCore:
             self._forced_from = self._window.end_sample
             return [], self._hypothesis
         if not k:
-            self._context = (self._context + [t for w in self._window_words for t in w.tokens])[-PROMPT_TOKENS:]
+            self._to_context(self._window_words)
             self._window_words = []
             self._window.trim(cut)
         self._forced_from = round(cut * SAMPLE_RATE)
         self._agreement.reset()
-        self._agreement.update(words[k:], heard_until)
-        return words[:k], words[k:]
+        agreed, rest = self._agreement.update(words[k:], heard_until)
+        return words[:k] + agreed, rest
+
+    def _to_context(self, words: list[Word]) -> None:
+        """Committed words leave the window: their tokens join the prompt of later final decodes."""
+        self._context = (self._context + [t for w in words for t in w.tokens])[-PROMPT_TOKENS:]
 
     def _quiet_point(self) -> int:
         """Where to cut, a sample on the stream timeline: in the quietest gap between two words of the
