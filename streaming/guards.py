@@ -11,6 +11,9 @@ from .agreement import Word, keys
 
 OVERLAP_MAX_WORDS = 8
 RESTART_MIN_WORDS = 4
+# Speech is slower than this, averaged over a few words: a hypothesis with more words than the audio after the
+# committed ones can hold at this rate must be re-transcribing committed audio.
+MIN_WORD_SECONDS = 0.25
 
 
 def drop_repetitions(words: list[Word]) -> list[Word]:
@@ -35,7 +38,7 @@ def cut_loops(prefix: list[Word], words: list[Word]) -> list[Word]:
     return kept[len(prefix):]
 
 
-def drop_redecoded(words: list[Word], committed: list[Word]) -> list[Word]:
+def drop_redecoded(words: list[Word], committed: list[Word], room: float) -> list[Word]:
     """Drop the part of a hypothesis that re-transcribes words already committed in this utterance.
 
     - Overlap: the end of the committed text (two or more words) reappears in the new words, and what
@@ -43,7 +46,9 @@ def drop_redecoded(words: list[Word], committed: list[Word]) -> list[Word]:
       overlap at the start and Whisper restarting the utterance ("Sorry, but the user's mailbox can't accept
       more" after "Sorry, but the user mailbox can't accept").
     - Restart that stops short: the new words begin (possibly after one differing word) with a run of
-      ``RESTART_MIN_WORDS`` or more committed words.
+      ``RESTART_MIN_WORDS`` or more committed words, and there are more of them than ``room`` (the seconds of
+      audio heard after the last committed word) can hold; with room enough, the speaker said it again
+      ("The conference will begin..." twice in a row).
     Shorter runs in the middle are kept: menus really do say "to record your" again and again.
     """
     new, done = keys(words), keys(committed)
@@ -56,6 +61,8 @@ def drop_redecoded(words: list[Word], committed: list[Word]) -> list[Word]:
                 before = new[:pos]
                 if len(before) <= 1 or sum(w in known for w in before) >= 0.75 * len(before):
                     return words[pos + k:]
+    if len(new) * MIN_WORD_SECONDS <= room:
+        return list(words)
     for skip in (0, 1):
         run = _longest_run(new[skip:], done)
         if run >= RESTART_MIN_WORDS:

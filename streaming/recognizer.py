@@ -192,8 +192,9 @@ class StreamCore:
         offset = self._window.start
         words = [Word(w.word, offset + w.start, offset + w.end, w.probability, tuple(w.tokens))
                  for w in reply.words]
-        words = drop_redecoded(cut_loops(self._window_words, words), self._utterance_words)
         heard_until = offset + len(request.audio) / SAMPLE_RATE
+        words = drop_redecoded(cut_loops(self._window_words, words), self._utterance_words,
+                               heard_until - self._committed_end)
         if forced:
             committed, partial = self._split_at_cut(words, heard_until)
         else:

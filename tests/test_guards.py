@@ -5,6 +5,8 @@ from __future__ import annotations
 from streaming.agreement import Word
 from streaming.guards import cut_loops, drop_redecoded, drop_repetitions
 
+ROOM = 0.5  # seconds heard after the committed words: too little for a few words said again
+
 
 def words(text: str, start: float = 0.0) -> list[Word]:
     return [Word(f" {t}", start + i * 0.4, start + (i + 1) * 0.4, 0.9) for i, t in enumerate(text.split())]
@@ -34,33 +36,40 @@ def test_a_loop_that_repeats_the_committed_prefix_is_cut() -> None:
 
 def test_overlap_with_the_end_of_the_committed_text_is_dropped() -> None:
     committed = words("ask what you can do")
-    assert text(drop_redecoded(words("can do for your country", 2.0), committed)) == "for your country"
-    assert text(drop_redecoded(words("you can do. For your country", 2.0), committed)) == "For your country"
+    assert text(drop_redecoded(words("can do for your country", 2.0), committed, ROOM)) == "for your country"
+    assert text(drop_redecoded(words("you can do. For your country", 2.0), committed, ROOM)) == "For your country"
 
 
 def test_a_restart_after_a_differing_first_word_is_dropped() -> None:
     committed = words("Feels like these days go on forever.")
-    assert drop_redecoded(words("Feel like these days go on forever.", 3.0), committed) == []
+    assert drop_redecoded(words("Feel like these days go on forever.", 3.0), committed, ROOM) == []
 
 
 def test_a_restarted_utterance_is_dropped() -> None:
     committed = words("The conference will begin when the leader arrives.")
-    assert drop_redecoded(words("The conference will begin.", 3.0), committed) == []
+    assert drop_redecoded(words("The conference will begin.", 3.0), committed, ROOM) == []
+
+
+def test_a_phrase_said_again_is_kept_when_the_audio_after_the_committed_words_holds_it() -> None:
+    committed = words("The conference will begin when the leader arrives.")
+    assert text(drop_redecoded(words("The conference will begin.", 3.0), committed, room=2.0)) == (
+        "The conference will begin.")
 
 
 def test_short_repeated_phrases_in_menus_are_kept() -> None:
     committed = words("Press 1 to record your unavailable message. Press 2 to record your busy message. Press 3")
     new = words("to record your name.", 6.0)
-    assert text(drop_redecoded(new, committed)) == "to record your name."
-    assert drop_redecoded(words("new words"), []) == words("new words")
+    assert text(drop_redecoded(new, committed, ROOM)) == "to record your name."
+    assert drop_redecoded(words("new words"), [], ROOM) == words("new words")
 
 
 def test_a_restart_that_runs_past_the_committed_end_keeps_only_the_continuation() -> None:
     committed = words("Sorry, but the user mailbox can't accept")
     new = words("Sorry, but the user's mailbox can't accept more messages.", 3.0)
-    assert text(drop_redecoded(new, committed)) == "more messages."
+    assert text(drop_redecoded(new, committed, ROOM)) == "more messages."
 
 
 def test_a_new_sentence_ending_like_the_last_one_is_kept() -> None:
     committed = words("Has left the conference.")
-    assert text(drop_redecoded(words("Has joined the conference.", 3.0), committed)) == "Has joined the conference."
+    new = words("Has joined the conference.", 3.0)
+    assert text(drop_redecoded(new, committed, ROOM)) == "Has joined the conference."

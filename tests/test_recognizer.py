@@ -617,7 +617,7 @@ FOREVER = [" Feels", " like", " these", " days", " go", " on", " forever."]
 def test_a_final_decode_that_restarts_the_utterance_commits_nothing_twice(
         guarded: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     if not guarded:
-        monkeypatch.setattr(recognizer, "drop_redecoded", lambda words, committed: words)
+        monkeypatch.setattr(recognizer, "drop_redecoded", lambda words, committed, room: words)
     stream = build([FOREVER])
 
     def restart(seen: Seen, new: list[int]) -> list[int | WordTiming]:
