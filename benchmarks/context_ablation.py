@@ -15,9 +15,9 @@ import time
 
 from evalkit import load_stream, machine, score_text
 
-from streaming.decoding import DecodingOptions, decode_with_fallback
 from streaming.engine import Engine, configure_threads
-from streaming.mel import N_FRAMES, N_SAMPLES
+from streaming.engine.decoding import DecodingOptions, decode_with_fallback
+from streaming.engine.mel import N_FRAMES, N_SAMPLES
 
 CONFIGS = [  # (silence after the clip in seconds, or None for Whisper's full 30 s window; beam; prompt)
     (4, 1, False), (4, 1, True), (8, 1, True), (26, 1, True), (None, 1, False), (None, 1, True), (None, 5, True),

@@ -5,8 +5,8 @@ thread per recogniser, and prints the seconds spent in each stage of the interim
 decodes, and how many decoder passes (prefills, token steps, draft checks, alignments) they made. ``--copies 2``
 runs two recognisers at once on two threads (both cores busy, as in the server with two workers; each
 takes a different part of the stream). ``--no-pack`` leaves the decoder's weights in their plain layout
-(see ``streaming.model.pack_weight``) and ``--no-draft`` decodes greedily without the previous partial
-as a draft (see ``streaming.decoding.DecodingOptions.draft``), for comparison.
+(see ``streaming.engine.model.pack_weight``) and ``--no-draft`` decodes greedily without the previous partial
+as a draft (see ``streaming.engine.decoding.DecodingOptions.draft``), for comparison.
 
 Usage: python benchmarks/decode_cost.py [--stream en_prompts] [--seconds 90] [--dtype bfloat16]
                                         [--copies 2] [--no-pack] [--no-draft]
@@ -22,17 +22,15 @@ from dataclasses import replace
 
 from evalkit import load_stream, machine
 
-from streaming import inference, recognizer
-from streaming.engine import Engine, configure_threads
-from streaming.model import BucketedLinear
-from streaming.recognizer import Recognizer
+from streaming.engine import Engine, configure_threads, inference, recognizer
+from streaming.engine.model import BucketedLinear
 
 STAGES = {"encode_window": "encode", "_prepare": "prefill", "_decode": "decode", "_finish": "align"}
 
 
 def time_stages(engine: Engine, totals: dict[tuple[str, str], float], counts: dict[str, int],
                 lock: threading.Lock, drafts: bool = True) -> None:
-    """Wrap :func:`streaming.inference.run_window` and its stages so that each stage adds its time to
+    """Wrap :func:`streaming.engine.inference.run_window` and its stages so that each stage adds its time to
     ``totals[(kind, stage)]``, kind "interim" or "final"; each decode counts in ``counts[kind]`` and each
     decoder pass in ``counts[kind + " passes"]``. ``drafts=False`` runs every request without its draft."""
     kind = threading.local()
@@ -91,7 +89,7 @@ def main() -> None:
     def run(copy: int) -> None:
         configure_threads(1)
         part = audio[copy * samples: (copy + 1) * samples]
-        stream = Recognizer(engine)
+        stream = recognizer.Recognizer(engine)
         for offset in range(0, part.size, 320):
             stream.feed(part[offset: offset + 320])
         stream.close()

@@ -133,7 +133,7 @@ def decode(path: Path) -> np.ndarray:
                 sys.exit(f"error: {path}: expected mono 16-bit PCM")
             x, rate = np.frombuffer(w.readframes(w.getnframes()), "<i2") / 32768.0, w.getframerate()
         if rate != SR:
-            from streaming.audio import resample  # band-limited (windowed sinc), the server's own resampler
+            from streaming.core.audio import resample  # band-limited (windowed sinc), the server's own resampler
 
             x = resample(x, rate, SR).astype(np.float64)
         return x

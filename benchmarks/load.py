@@ -44,9 +44,9 @@ import torch
 from evalkit import ROOT, child_pids, cpu_seconds, load_stream, machine, scorer
 
 from streaming.client import ClientError, pcm_chunks, stream_audio
+from streaming.core.stream import StreamCore, StreamOptions
 from streaming.engine import Engine, configure_threads
-from streaming.inference import WindowRequest, run_window, run_windows
-from streaming.recognizer import StreamCore, StreamOptions
+from streaming.engine.inference import WindowRequest, run_window, run_windows
 
 SR = 16000
 CHUNK = 320  # 20 ms, as a live client sends
@@ -249,7 +249,7 @@ def time_windows(engine: Engine, n: int, repeats: int) -> None:
 
 def offline_wers(model: str, counts: list[int], seconds: float) -> None:
     """Our offline WER (beam 5) on the very excerpts that N streams send: the streaming bound's reference."""
-    from streaming.transcribe import TranscribeOptions, transcribe
+    from streaming.engine.transcribe import TranscribeOptions, transcribe
 
     engine, score = Engine.load(model), scorer()
     for n in counts:

@@ -16,9 +16,9 @@ import time
 import numpy as np
 from evalkit import load_stream, machine
 
+from streaming.core.stream import StreamCore, StreamOptions
 from streaming.engine import Engine, configure_threads
-from streaming.inference import run_window
-from streaming.recognizer import StreamCore, StreamOptions
+from streaming.engine.inference import run_window
 
 CHUNK = 320
 

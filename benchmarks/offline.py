@@ -27,7 +27,7 @@ def run_engine(engine: str, stream: str, beam: int, threads: int, start: float =
     reference = dict(reference, segments=[s for s in reference["segments"] if s["start"] >= start])
     if engine == "whisper-stream":
         from streaming.engine import Engine, configure_threads
-        from streaming.transcribe import TranscribeOptions, transcribe
+        from streaming.engine.transcribe import TranscribeOptions, transcribe
 
         configure_threads(threads)
         model = Engine.load(model_name, dtype=dtype)
@@ -38,7 +38,7 @@ def run_engine(engine: str, stream: str, beam: int, threads: int, start: float =
 
         from faster_whisper import WhisperModel
 
-        from streaming.weights import NAMED_MODELS  # the same tiny.en weights
+        from streaming.engine.weights import NAMED_MODELS  # the same tiny.en weights
 
         package, sub, _, _ = NAMED_MODELS["tiny.en"]
         path = str(importlib.resources.files(package) / sub)

@@ -20,10 +20,10 @@ from pathlib import Path
 import numpy as np
 from evalkit import ROOT, load_stream, machine, scorer
 
+from streaming.core.stream import StreamCore, StreamOptions
+from streaming.core.vad import VadConfig
 from streaming.engine import Engine, configure_threads
-from streaming.inference import run_window
-from streaming.recognizer import StreamCore, StreamOptions
-from streaming.vad import VadConfig
+from streaming.engine.inference import run_window
 
 CHUNK = 320  # 20 ms, as a live client sends
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from evalkit import load_stream
 
-from streaming.vad import SAMPLE_RATE, SpeechAudio, SpeechEnd, VadConfig, VoiceActivityDetector
+from streaming.core.vad import SAMPLE_RATE, SpeechAudio, SpeechEnd, VadConfig, VoiceActivityDetector
 
 EDGE = 0.1  # seconds: an end this close to a clip's edge is at the pause, not inside the clip
 

@@ -11,8 +11,9 @@ import asyncio
 import os
 import sys
 
-from streaming.audio import AudioFormatError, read_audio
+from streaming.audiofile import read_audio
 from streaming.client import DEFAULT_URL, stream_audio
+from streaming.core.audio import AudioFormatError
 from streaming.formats import FORMATS
 
 from .captions import Captions

@@ -11,10 +11,11 @@ from .formats import FORMATS, Cue, render
 
 
 def _transcribe(args: argparse.Namespace) -> int:
-    from .audio import AudioFormatError, read_audio
+    from .audiofile import read_audio
+    from .core.audio import AudioFormatError
     from .engine import Engine, configure_threads
-    from .transcribe import TranscribeOptions, transcribe
-    from .weights import ModelLoadError
+    from .engine.transcribe import TranscribeOptions, transcribe
+    from .engine.weights import ModelLoadError
 
     configure_threads(args.threads)
     try:

@@ -18,12 +18,12 @@ import numpy as np
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
 
+from .core.agreement import SENTENCE_END
+from .core.audio import SAMPLE_RATE
 from .formats import Cue, render
 
 PROTOCOL_VERSION = 1
-SAMPLE_RATE = 16000
 DEFAULT_URL = "ws://127.0.0.1:8765/v1/listen"
-SENTENCE_END = (".", "?", "!", "。", "？", "！")
 MAX_CUE_SECONDS = 7.0  # a caption cue ends at a sentence end, an utterance end, or after this long
 _SAMPLE_BYTES = {"pcm_s16le": 2, "pcm_f32le": 4}
 

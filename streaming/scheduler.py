@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from .inference import WindowReply, WindowRequest, iter_windows
+from .engine.inference import WindowReply, WindowRequest, iter_windows
 from .metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -59,7 +59,7 @@ class Scheduler:
     window and its trailing silence instead of Whisper's 30 s), whose encoder pass costs about a third.
 
     ``runner`` is called on a worker thread as ``runner(engine, requests)`` and must produce one reply or
-    exception per request, in order (default: :func:`streaming.inference.iter_windows`). ``on_busy(seconds)``
+    exception per request, in order (default: :func:`streaming.engine.inference.iter_windows`). ``on_busy(seconds)``
     hears how long each batch took.
     """
 

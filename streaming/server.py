@@ -31,9 +31,7 @@ from websockets.http11 import Request, Response
 
 from . import __version__
 from .admission import Admission
-from .heap import HeapTrimmer
-from .metrics import Metrics
-from .protocol import (
+from .core.session import (
     DEFAULT_MAX_MESSAGE_BYTES,
     INTERNAL_ERROR,
     PATH,
@@ -48,6 +46,8 @@ from .protocol import (
     refusal,
     warning_message,
 )
+from .heap import HeapTrimmer
+from .metrics import Metrics
 from .scheduler import Runner, Scheduler
 
 log = logging.getLogger(__name__)
@@ -547,7 +547,7 @@ def serve_command(args: argparse.Namespace) -> int:
     import torch
 
     from .engine import Engine, configure_threads
-    from .weights import ModelLoadError
+    from .engine.weights import ModelLoadError
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.log_level.upper() != "DEBUG":

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any
 
-from .inference import WindowReply, WindowRequest, iter_windows
+from .engine.inference import WindowReply, WindowRequest, iter_windows
 
 log = logging.getLogger(__name__)
 
@@ -36,8 +36,8 @@ class ChildEngine:
 def _child(conn: Connection, model: str, dtype: str | None, threads: int, heap_trim_seconds: float) -> None:
     """A child's life: load the engine, then run every batch it is sent until it is sent None."""
     from .engine import Engine, configure_threads
+    from .engine.weights import ModelLoadError
     from .heap import HeapTrimmer
-    from .weights import ModelLoadError
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the parent drains
     configure_threads(threads)

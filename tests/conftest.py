@@ -19,9 +19,9 @@ import pytest
 import torch
 
 from streaming.engine import Engine
-from streaming.model import ModelDims, Whisper
-from streaming.tokenizer import Tokenizer, load_tokenizer
-from streaming.weights import LoadedModel, load_model
+from streaming.engine.model import ModelDims, Whisper
+from streaming.engine.tokenizer import Tokenizer, load_tokenizer
+from streaming.engine.weights import LoadedModel, load_model
 
 # The test machines have 2 cores; torch's default intra-op pool (one thread per core or more) plus the
 # threads of pytest, asyncio and CTranslate2 oversubscribes them and makes the tests slower and flakier.

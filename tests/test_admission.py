@@ -8,7 +8,7 @@ import logging
 import pytest
 
 from streaming.admission import Admission
-from streaming.protocol import Close, Send
+from streaming.core.session import Close, Send
 from streaming.server import LAG_MESSAGES, MAX_OUTBOX, RefusalLog, _Outbox
 
 

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from streaming.agreement import LocalAgreement, Word, normalize
+from streaming.core.agreement import LocalAgreement, Word, normalize
 
 
 def words(text: str, start: float = 0.0, step: float = 0.5, probability: float = 0.9) -> list[Word]:

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from streaming.alignment import (
+from streaming.engine.alignment import (
     AlignmentWindow,
     WordTiming,
     _clamp_long_words,
@@ -20,7 +20,7 @@ from streaming.alignment import (
     find_alignments,
     median_filter,
 )
-from streaming.model import KVCache, ModelDims, Whisper
+from streaming.engine.model import KVCache, ModelDims, Whisper
 
 STEPS = {(1, 1), (1, 0), (0, 1)}
 

@@ -1,4 +1,4 @@
-"""Tests for streaming.audio: WAV reading, resampling and live PCM decoding."""
+"""Tests for streaming.core.audio: WAV reading, resampling and live PCM decoding."""
 
 import os
 import shutil
@@ -10,8 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from streaming import audio
-from streaming.audio import SAMPLE_RATE, AudioFormatError, PcmDecoder, read_audio, resample
+from streaming.audiofile import read_audio
+from streaming.core import audio
+from streaming.core.audio import SAMPLE_RATE, AudioFormatError, PcmDecoder, resample
 
 
 def write_wav(path: Path, frames: bytes, rate: int, channels: int, width: int) -> Path:

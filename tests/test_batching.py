@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 import torch
 
-from streaming import inference
-from streaming.decoding import (
+from streaming.engine import Engine, inference
+from streaming.engine.decoding import (
     DecodingOptions,
     FallbackPolicy,
     GreedyJob,
@@ -27,10 +27,16 @@ from streaming.decoding import (
     prefill,
     prefill_batch,
 )
-from streaming.engine import Engine
-from streaming.inference import WindowReply, WindowRequest, encode_window, encode_windows, run_window, run_windows
-from streaming.model import KVCache, Whisper
-from streaming.tokenizer import Tokenizer
+from streaming.engine.inference import (
+    WindowReply,
+    WindowRequest,
+    encode_window,
+    encode_windows,
+    run_window,
+    run_windows,
+)
+from streaming.engine.model import KVCache, Whisper
+from streaming.engine.tokenizer import Tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

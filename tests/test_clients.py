@@ -28,11 +28,11 @@ from websockets.http11 import Request, Response
 
 from clients import file_client, mic_client
 from clients.captions import CLEAR_LINE, Captions
-from streaming.audio import read_audio
+from streaming.audiofile import read_audio
 from streaming.client import ClientError, Transcript, stream_audio
 from streaming.engine import Engine
+from streaming.engine.transcribe import transcribe
 from streaming.server import Server, ServerConfig
-from streaming.transcribe import transcribe
 
 REPO = Path(__file__).resolve().parent.parent
 

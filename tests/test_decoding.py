@@ -1,4 +1,4 @@
-"""Tests for streaming.decoding: logit rules, greedy/beam/sampled decoding, fallback and language detection."""
+"""Tests for streaming.engine.decoding: logit rules, greedy/beam/sampled decoding, fallback and language detection."""
 
 from __future__ import annotations
 
@@ -14,8 +14,9 @@ import numpy as np
 import pytest
 import torch
 
-import streaming.decoding as decoding
-from streaming.decoding import (
+import streaming.engine.decoding as decoding
+from streaming.engine import Engine
+from streaming.engine.decoding import (
     DecodingOptions,
     DecodingResult,
     FallbackPolicy,
@@ -27,9 +28,8 @@ from streaming.decoding import (
     initial_tokens,
     prefill,
 )
-from streaming.engine import Engine
-from streaming.mel import N_FRAMES, N_SAMPLES
-from streaming.tokenizer import Tokenizer
+from streaming.engine.mel import N_FRAMES, N_SAMPLES
+from streaming.engine.tokenizer import Tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

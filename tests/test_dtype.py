@@ -11,10 +11,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from streaming.engine import Engine, fast_cpu_dtype
-from streaming.inference import WindowRequest, run_window
-from streaming.model import _row_bucket, linear, pack_weight
-from streaming.weights import ModelLoadError
+from streaming.engine import Engine
+from streaming.engine.engine import fast_cpu_dtype
+from streaming.engine.inference import WindowRequest, run_window
+from streaming.engine.model import _row_bucket, linear, pack_weight
+from streaming.engine.weights import ModelLoadError
 
 
 @pytest.mark.real_model

@@ -8,8 +8,8 @@ import json
 import numpy as np
 import pytest
 
-from streaming.agreement import Word
-from streaming.events import Event, Final, LanguageDetected, Partial, UtteranceEnd
+from streaming.core.agreement import Word
+from streaming.core.events import Event, Final, LanguageDetected, Partial, UtteranceEnd
 
 
 def test_partial_to_dict() -> None:

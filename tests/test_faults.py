@@ -17,8 +17,7 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from streaming import inference
-from streaming.engine import Engine, configure_threads
+from streaming.engine import Engine, configure_threads, inference
 from streaming.server import Server, ServerConfig
 
 pytestmark = pytest.mark.real_model

@@ -41,14 +41,14 @@ from hypothesis import strategies as st
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
-from streaming.alignment import WordTiming
+from streaming.core.session import MESSAGE_TYPES, Action, Close, EngineInfo, Run, Send, Session
+from streaming.core.vad import VadConfig
 from streaming.engine import Engine
-from streaming.inference import WindowReply, WindowRequest
-from streaming.model import Whisper
-from streaming.protocol import MESSAGE_TYPES, Action, Close, EngineInfo, Run, Send, Session
+from streaming.engine.alignment import WordTiming
+from streaming.engine.inference import WindowReply, WindowRequest
+from streaming.engine.model import Whisper
+from streaming.engine.tokenizer import load_tokenizer
 from streaming.server import Server, ServerConfig
-from streaming.tokenizer import load_tokenizer
-from streaming.vad import VadConfig
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "protocol.md"
 RATE = 16000

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from streaming.agreement import Word
-from streaming.guards import cut_loops, drop_redecoded, drop_repetitions
+from streaming.core.agreement import Word
+from streaming.core.guards import cut_loops, drop_redecoded, drop_repetitions
 
 ROOM = 0.5  # seconds heard after the committed words: too little for a few words said again
 

@@ -1,4 +1,4 @@
-"""Tests for streaming.mel against an independent numpy reference."""
+"""Tests for streaming.engine.mel against an independent numpy reference."""
 
 import math
 
@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from streaming import mel
-from streaming.mel import N_FRAMES, N_SAMPLES, log_mel_spectrogram, mel_filters, pad_or_trim
+from streaming.engine import mel
+from streaming.engine.mel import N_FRAMES, N_SAMPLES, log_mel_spectrogram, mel_filters, pad_or_trim
 
 
 def slaney_mel(hz: float) -> float:

@@ -1,4 +1,4 @@
-"""Tests for the sans-I/O protocol session (streaming.protocol) with a fake decoder: no model, no sockets."""
+"""Tests for the sans-I/O protocol session (streaming.core.session) with a fake decoder: no model, no sockets."""
 
 from __future__ import annotations
 
@@ -11,9 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from streaming.alignment import WordTiming
-from streaming.inference import WindowReply, WindowRequest
-from streaming.protocol import (
+from streaming.core.session import (
     GOING_AWAY,
     INTERNAL_ERROR,
     NORMAL,
@@ -28,6 +26,8 @@ from streaming.protocol import (
     Session,
     refusal,
 )
+from streaming.engine.alignment import WordTiming
+from streaming.engine.inference import WindowReply, WindowRequest
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "protocol.md"
 RATE = 16000

@@ -19,12 +19,12 @@ from functools import lru_cache
 import numpy as np
 import pytest
 
-from streaming import recognizer
-from streaming.alignment import WordTiming
-from streaming.events import Event, Final, Partial, UtteranceEnd
-from streaming.inference import PROMPT_TOKENS, WindowReply, WindowRequest
-from streaming.recognizer import StreamCore, StreamOptions
-from streaming.vad import SAMPLE_RATE, VadConfig
+from streaming.core import stream as recognizer
+from streaming.core.events import Event, Final, Partial, UtteranceEnd
+from streaming.core.stream import StreamCore, StreamOptions
+from streaming.core.vad import SAMPLE_RATE, VadConfig
+from streaming.engine.alignment import WordTiming
+from streaming.engine.inference import PROMPT_TOKENS, WindowReply, WindowRequest
 
 SR = SAMPLE_RATE
 CHUNK = 320  # 20 ms

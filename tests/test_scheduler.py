@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from streaming.inference import WindowReply, WindowRequest
+from streaming.engine.inference import WindowReply, WindowRequest
 from streaming.scheduler import Scheduler
 
 
@@ -273,8 +273,8 @@ def test_invalid_settings_are_refused() -> None:
 async def test_real_engine_decodes_a_stream_request(shared_eval) -> None:
     import wave
 
+    from streaming.core.stream import StreamCore
     from streaming.engine import Engine
-    from streaming.recognizer import StreamCore
 
     with wave.open(str(shared_eval / "streams" / "en_mixed.wav")) as w:
         pcm = np.frombuffer(w.readframes(16000 * 4), np.int16).astype(np.float32) / 32768

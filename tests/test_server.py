@@ -348,7 +348,7 @@ async def test_allowed_origins(engine: Engine) -> None:
 
 async def test_internal_errors_close_1011_for_that_stream_only(engine: Engine, clip: bytes,
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
-    from streaming.protocol import Session
+    from streaming.core.session import Session
 
     original = Session.receive_text
 

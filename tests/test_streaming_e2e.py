@@ -18,12 +18,10 @@ import pytest
 import torch
 from conftest import scorer
 
-from streaming import inference, recognizer
-from streaming.decoding import FallbackPolicy
-from streaming.engine import Engine, configure_threads
-from streaming.events import Event, Final, Partial, UtteranceEnd
-from streaming.recognizer import Recognizer
-from streaming.vad import SAMPLE_RATE
+from streaming.core.events import Event, Final, Partial, UtteranceEnd
+from streaming.core.vad import SAMPLE_RATE
+from streaming.engine import Engine, configure_threads, inference, recognizer
+from streaming.engine.decoding import FallbackPolicy
 
 pytestmark = pytest.mark.real_model
 
@@ -40,7 +38,7 @@ def read_stream(shared_eval: Path, name: str) -> tuple[np.ndarray, dict]:
 
 def recognize(engine: Engine, audio: np.ndarray, chunk: int = 320) -> list[Event]:
     torch.manual_seed(0)
-    rec = Recognizer(engine)
+    rec = recognizer.Recognizer(engine)
     events: list[Event] = []
     for offset in range(0, audio.size, chunk):
         events += rec.feed(audio[offset: offset + chunk])
@@ -161,7 +159,7 @@ async def test_feed_async_and_close_async(stream_engine: Engine, mixed: tuple[np
                                           mixed_events: list[Event]) -> None:
     audio = mixed[0][: round(JFK_END * SAMPLE_RATE)]
     torch.manual_seed(0)
-    rec = Recognizer(stream_engine)
+    rec = recognizer.Recognizer(stream_engine)
     events: list[Event] = []
     for offset in range(0, audio.size, 4321):
         events += await rec.feed_async(audio[offset: offset + 4321])
@@ -188,7 +186,7 @@ def test_a_minute_without_a_pause_keeps_finals_coming_and_loses_no_word(stream_e
     clips = [s for s in reference["segments"] if s["end"] <= 60.0]
     audio = audio[: round((clips[-1]["end"] + 0.05) * SAMPLE_RATE)]
     torch.manual_seed(0)
-    rec, arrivals, events = Recognizer(stream_engine), [], []
+    rec, arrivals, events = recognizer.Recognizer(stream_engine), [], []
     for offset in range(0, audio.size, 320):
         new = rec.feed(audio[offset: offset + 320])
         arrivals += [(offset + 320) / SAMPLE_RATE for e in new if isinstance(e, Final)]

@@ -1,4 +1,4 @@
-"""Tests for streaming.tokenizer against the vocabularies bundled in the installed model packages."""
+"""Tests for streaming.engine.tokenizer against the vocabularies bundled in the installed model packages."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import tokenizers
 
-from streaming.tokenizer import LANGUAGES, Tokenizer, load_tokenizer
+from streaming.engine.tokenizer import LANGUAGES, Tokenizer, load_tokenizer
 
 SPECIAL_NAMES = {
     "eot": "<|endoftext|>",

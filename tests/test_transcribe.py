@@ -1,4 +1,4 @@
-"""Tests for streaming.transcribe: the sequential 30 s procedure, segments and word timestamps."""
+"""Tests for streaming.engine.transcribe: the sequential 30 s procedure, segments and word timestamps."""
 
 from __future__ import annotations
 
@@ -11,12 +11,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import streaming.transcribe as tr
-from streaming.alignment import WordTiming
-from streaming.decoding import DecodingResult
+import streaming.engine.transcribe as tr
 from streaming.engine import Engine
-from streaming.tokenizer import load_tokenizer
-from streaming.transcribe import TranscribeOptions, _split_segments, transcribe
+from streaming.engine.alignment import WordTiming
+from streaming.engine.decoding import DecodingResult
+from streaming.engine.tokenizer import load_tokenizer
+from streaming.engine.transcribe import TranscribeOptions, _split_segments, transcribe
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

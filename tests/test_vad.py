@@ -1,4 +1,4 @@
-"""Tests for streaming.vad on synthetic signals and the shared real-speech eval streams."""
+"""Tests for streaming.core.vad on synthetic signals and the shared real-speech eval streams."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from streaming.vad import (
+from streaming.core.vad import (
     SAMPLE_RATE,
     SpeechAudio,
     SpeechEnd,

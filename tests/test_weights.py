@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-from streaming import weights
-from streaming.model import KVCache, Whisper
-from streaming.weights import ModelLoadError, load_model
+from streaming.engine import weights
+from streaming.engine.model import KVCache, Whisper
+from streaming.engine.weights import ModelLoadError, load_model
 
 TOKENS = [50257, 50362, 440, 2068]  # <|startoftranscript|> <|notimestamps|> " The" " quick"
 FRAMES = (3000, 800)
@@ -52,7 +52,7 @@ def rel_norm_diff(a: torch.Tensor, b: torch.Tensor) -> float:
 CT2_TOLERANCE = 1e-4
 
 
-# Writers for the other formats, written from the format descriptions rather than from streaming.weights --
+# Writers for the other formats, written from the format descriptions rather than from streaming.engine.weights --
 
 def hf_state(model: Whisper) -> dict[str, torch.Tensor]:
     """The state dict under Hugging Face WhisperForConditionalGeneration names."""

@@ -14,24 +14,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from streaming.model import KVCache, Whisper, decode_padded
+from ..core.agreement import SENTENCE_END
+from ..core.messages import WordTiming
+from .model import KVCache, Whisper, decode_padded
 
 FRAME_SECONDS = 0.02
 MAX_MEDIAN_WORD_SECONDS = 0.7
-SENTENCE_END = frozenset(".。!！?？")
 PREPENDED_PUNCTUATION = frozenset("\"'“¿([{-")
 APPENDED_PUNCTUATION = frozenset("\"'.。,，!！?？:：”)]}、")
-
-
-@dataclass(frozen=True)
-class WordTiming:
-    """A word (text with its leading space), its token ids, times in seconds in the window, probability."""
-
-    word: str
-    tokens: tuple[int, ...]
-    start: float
-    end: float
-    probability: float
 
 
 def dtw(cost: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -131,7 +121,7 @@ def find_alignment(
 @torch.inference_mode()
 def find_alignments(model: Whisper, windows: list[AlignmentWindow], medfilt_width: int = 7) -> list[list[WordTiming]]:
     """Word timings for each window, from one decoder pass over all of them
-    (:func:`streaming.model.decode_padded`). Times are seconds from the window start, non-decreasing; every
+    (:func:`streaming.engine.model.decode_padded`). Times are seconds from the window start, non-decreasing; every
     text token belongs to exactly one word."""
     for window in windows:
         if window.text_tokens and window.num_frames < 2:

@@ -1,29 +1,27 @@
-"""The streaming recogniser: audio in, partial and final hypotheses out.
+"""The streaming recogniser's state for one stream: audio in, partial and final hypotheses out.
 
 :class:`StreamCore` is the pure state machine (VAD, window, agreement, events); it never runs the model.
-It asks for work with :meth:`StreamCore.next_request` and takes the answer in :meth:`StreamCore.complete`.
-:class:`Recognizer` is the small embeddable class that runs that work inline on an :class:`Engine`.
+It asks for work with :meth:`StreamCore.next_request` and takes the answer in :meth:`StreamCore.complete`;
+:class:`streaming.engine.recognizer.Recognizer` runs that work inline on an engine.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections import deque
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from .agreement import LocalAgreement, Word
+from .agreement import SENTENCE_END, LocalAgreement, Word
 from .events import Event, Final, LanguageDetected, Partial, UtteranceEnd
 from .guards import cut_loops, drop_redecoded
-from .inference import PROMPT_TOKENS, TRAILING_SILENCE, WindowReply, WindowRequest, run_window
+from .messages import PROMPT_TOKENS, TRAILING_SILENCE, WindowReply, WindowRequest
 from .vad import SAMPLE_RATE, SpeechAudio, SpeechEnd, SpeechStart, VadConfig, VoiceActivityDetector
 from .window import AudioWindow
 
 log = logging.getLogger(__name__)
 
-SENTENCE_END = (".", "?", "!", "。", "？", "！")
 
 
 @dataclass(frozen=True)
@@ -379,54 +377,3 @@ def _quietest(audio: np.ndarray, lo: int, hi: int) -> tuple[int, float]:
         return lo, float("inf")
     best = int(np.argmin(sums))
     return lo + best + span // 2, float(sums[best]) / span
-
-
-class Recognizer:
-    """Embeddable streaming recogniser: feed audio, get events.
-
-    >>> rec = Recognizer(Engine.load("tiny.en"))
-    >>> for event in rec.feed(chunk): print(event.to_dict())
-    >>> events = rec.close()
-    """
-
-    def __init__(self, engine, options: StreamOptions = StreamOptions()):
-        self.engine = engine
-        self.core = StreamCore(options, engine.multilingual)
-
-    def _run(self, events: list[Event]) -> list[Event]:
-        while (request := self.core.next_request()) is not None:
-            events += self.core.complete(request, run_window(self.engine, request))
-        return events
-
-    def feed(self, audio: np.ndarray) -> list[Event]:
-        """Add 16 kHz mono float32 audio (any chunk size); decode as needed; return new events.
-
-        The audio goes to the core one VAD frame at a time, with the due decodes run after each frame, so
-        the windows decoded (and so the events) do not depend on how the caller chunks the audio."""
-        audio = np.asarray(audio, dtype=np.float32)
-        if audio.ndim != 1:
-            return self._run(self.core.feed(audio))  # the VAD refuses it with a clear message
-        frame = self.core.options.vad.frame_ms * SAMPLE_RATE // 1000
-        events: list[Event] = []
-        pos = 0
-        while pos < audio.size:
-            step = frame - self.core.samples_seen % frame
-            events = self._run(events + self.core.feed(audio[pos: pos + step]))
-            pos += step
-        return events
-
-    def finalize(self) -> list[Event]:
-        """Commit everything pending now."""
-        return self._run(self.core.finalize())
-
-    def close(self) -> list[Event]:
-        """End of audio: decode what is left and return the last events."""
-        return self._run(self.core.flush())
-
-    async def feed_async(self, audio: np.ndarray) -> list[Event]:
-        """:meth:`feed` on a worker thread, for asyncio programs."""
-        return await asyncio.to_thread(self.feed, audio)
-
-    async def close_async(self) -> list[Event]:
-        return await asyncio.to_thread(self.close)
-

@@ -9,7 +9,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-SAMPLE_RATE = 16000
+from ..core.audio import SAMPLE_RATE
+
 N_FFT = 400
 HOP_LENGTH = 160
 CHUNK_LENGTH = 30

@@ -20,9 +20,9 @@ import numpy as np
 
 from .audio import AudioFormatError, PcmDecoder
 from .events import Event, Final, Partial, UtteranceEnd
-from .inference import WindowReply, WindowRequest
-from .recognizer import StreamCore, StreamOptions
-from .tokenizer import LANGUAGES
+from .languages import LANGUAGES
+from .messages import WindowReply, WindowRequest
+from .stream import StreamCore, StreamOptions
 from .vad import SAMPLE_RATE, VadConfig
 
 log = logging.getLogger(__name__)

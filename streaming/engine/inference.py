@@ -10,13 +10,14 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .alignment import AlignmentWindow, WordTiming, find_alignments
+from ..core.messages import PROMPT_TOKENS, TRAILING_SILENCE, WindowReply, WindowRequest
+from .alignment import AlignmentWindow, find_alignments
 from .decoding import (
     DecodingOptions,
     DecodingResult,
@@ -38,43 +39,15 @@ log = logging.getLogger(__name__)
 # A window has ~3 to 5 tokens per second of speech; more is a repetition loop.
 MAX_TOKENS_PER_SECOND = 8
 MIN_SAMPLE_LEN = 12
-PROMPT_TOKENS = 96
 # Noise that passes the VAD makes Whisper say " You" or " Thank you." with a high no-speech probability and
 # words it barely believes; real speech rarely has both.
 NO_SPEECH_GATE = 0.6
 WORD_PROBABILITY_GATE = 0.4
-# Silence appended to every window, rounded up to a whole bucket: with no silence after the speech a short
-# audio context makes Whisper loop ("and so and so ..."); equal bucket sizes let the scheduler batch encoders.
-TRAILING_SILENCE = 4.0
+# Windows are padded to a whole number of buckets: equal bucket sizes let the scheduler batch encoders.
 CONTEXT_BUCKET = 1.0
 # Mel frames per batched encoder call. On one CPU thread, 8 short windows (3 to 5 s) encode ~10% faster
 # together than one by one, while two 30 s windows encode ~6% slower (and the attention memory grows).
 ENCODER_BATCH_FRAMES = 4000
-
-
-@dataclass(frozen=True)
-class WindowRequest:
-    audio: np.ndarray
-    prompt: tuple[int, ...] = ()
-    prefix: tuple[int, ...] = ()
-    draft: tuple[int, ...] = ()  # the tokens expected after the prefix (see DecodingOptions.draft)
-    initial_prompt: str | None = None
-    language: str | None = None
-    task: str = "transcribe"
-    final: bool = False
-    beam_size: int = 1
-    context: float = 0.0  # encode at least this many seconds (window + silence); 30 = Whisper's full window
-    silence: float = TRAILING_SILENCE  # and at least this much silence after the window
-
-
-@dataclass
-class WindowReply:
-    words: list[WordTiming] = field(default_factory=list)
-    language: str | None = None
-    language_probability: float = 0.0
-    no_speech_prob: float = 0.0
-    avg_logprob: float = 0.0
-    silence: bool = False
 
 
 def _context_padding(audio: np.ndarray, context: float, silence: float = TRAILING_SILENCE) -> int:

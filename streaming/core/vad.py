@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import webrtcvad
 
-SAMPLE_RATE = 16000
+from .audio import SAMPLE_RATE
+
 _SAMPLES_PER_MS = SAMPLE_RATE // 1000
 
 

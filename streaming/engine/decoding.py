@@ -107,7 +107,7 @@ def prefill(model: Whisper, tokenizer: Tokenizer, features: Tensor, options: Dec
 @torch.inference_mode()
 def prefill_batch(model: Whisper, windows: list[tuple[Tokenizer, DecodingOptions, KVCache]]) -> list[Prefill]:
     """:func:`prefill` for several windows, each given as its tokenizer, options and a cache holding its
-    audio's cross-attention keys/values, in one decoder pass (:func:`streaming.model.decode_padded`); each
+    audio's cross-attention keys/values, in one decoder pass (:func:`streaming.engine.model.decode_padded`); each
     row's cache is cut back to its own tokens and audio afterwards."""
     starts = [initial_tokens(tokenizer, options) for tokenizer, options, _ in windows]
     drafts = [_fed_draft(model, options, len(initial)) for (initial, _), (_, options, _) in zip(starts, windows)]

@@ -1,7 +1,7 @@
 """The Whisper encoder-decoder Transformer with explicit, batchable decoder caches.
 
 Parameter names follow OpenAI's checkpoints, so their ``model_state_dict`` loads directly; the other
-weight formats are renamed into this layout by :mod:`streaming.weights`.
+weight formats are renamed into this layout by :mod:`streaming.engine.weights`.
 """
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from .tokenizer import MULTILINGUAL_VOCAB
 
 
 @dataclass(frozen=True)
@@ -370,7 +372,7 @@ class Whisper(nn.Module):
 
     @property
     def is_multilingual(self) -> bool:
-        return self.dims.n_vocab >= 51865
+        return self.dims.n_vocab >= MULTILINGUAL_VOCAB
 
     @property
     def device(self) -> torch.device:

@@ -18,28 +18,12 @@ from pathlib import Path
 
 import tiktoken
 
-__all__ = ["LANGUAGES", "TIME_PRECISION", "Tokenizer", "load_tokenizer"]
+from ..core.languages import LANGUAGES
 
-LANGUAGES: dict[str, str] = {
-    "en": "english", "zh": "chinese", "de": "german", "es": "spanish", "ru": "russian", "ko": "korean",
-    "fr": "french", "ja": "japanese", "pt": "portuguese", "tr": "turkish", "pl": "polish", "ca": "catalan",
-    "nl": "dutch", "ar": "arabic", "sv": "swedish", "it": "italian", "id": "indonesian", "hi": "hindi",
-    "fi": "finnish", "vi": "vietnamese", "he": "hebrew", "uk": "ukrainian", "el": "greek", "ms": "malay",
-    "cs": "czech", "ro": "romanian", "da": "danish", "hu": "hungarian", "ta": "tamil", "no": "norwegian",
-    "th": "thai", "ur": "urdu", "hr": "croatian", "bg": "bulgarian", "lt": "lithuanian", "la": "latin",
-    "mi": "maori", "ml": "malayalam", "cy": "welsh", "sk": "slovak", "te": "telugu", "fa": "persian",
-    "lv": "latvian", "bn": "bengali", "sr": "serbian", "az": "azerbaijani", "sl": "slovenian",
-    "kn": "kannada", "et": "estonian", "mk": "macedonian", "br": "breton", "eu": "basque",
-    "is": "icelandic", "hy": "armenian", "ne": "nepali", "mn": "mongolian", "bs": "bosnian", "kk": "kazakh",
-    "sq": "albanian", "sw": "swahili", "gl": "galician", "mr": "marathi", "pa": "punjabi", "si": "sinhala",
-    "km": "khmer", "sn": "shona", "yo": "yoruba", "so": "somali", "af": "afrikaans", "oc": "occitan",
-    "ka": "georgian", "be": "belarusian", "tg": "tajik", "sd": "sindhi", "gu": "gujarati", "am": "amharic",
-    "yi": "yiddish", "lo": "lao", "uz": "uzbek", "fo": "faroese", "ht": "haitian creole", "ps": "pashto",
-    "tk": "turkmen", "nn": "nynorsk", "mt": "maltese", "sa": "sanskrit", "lb": "luxembourgish",
-    "my": "myanmar", "bo": "tibetan", "tl": "tagalog", "mg": "malagasy", "as": "assamese", "tt": "tatar",
-    "haw": "hawaiian", "ln": "lingala", "ha": "hausa", "ba": "bashkir", "jw": "javanese", "su": "sundanese",
-    "yue": "cantonese",
-}  # fmt: skip
+# Vocabularies this large hold the language tokens: the model is multilingual (as Whisper decides).
+MULTILINGUAL_VOCAB = 51865
+
+__all__ = ["LANGUAGES", "TIME_PRECISION", "Tokenizer", "load_tokenizer"]
 
 _LANGUAGE_ALIASES: dict[str, str] = {
     **{name: code for code, name in LANGUAGES.items()},
@@ -56,7 +40,6 @@ _UNSPACED_LANGUAGES = frozenset({"zh", "ja", "th", "lo", "my", "yue"})
 
 TIME_PRECISION = 0.02  # seconds per timestamp token
 _N_TIMESTAMPS = 1501  # <|0.00|> ... <|30.00|>
-_MULTILINGUAL_MIN_VOCAB = 51865
 _TASKS = ("transcribe", "translate")
 
 # GPT-2 pre-tokenization pattern (also used by Whisper's tiktoken encodings).
@@ -349,9 +332,9 @@ def load_tokenizer(
 ) -> Tokenizer:
     """Load the tokenizer of a model directory or vocabulary file.
 
-    ``multilingual`` defaults to the vocabulary size (>= 51865 tokens, as Whisper decides).
+    ``multilingual`` defaults to the vocabulary size (see ``MULTILINGUAL_VOCAB``).
     """
     encoding = _build_encoding(str(_vocabulary_file(source).resolve()))
     if multilingual is None:
-        multilingual = encoding.n_vocab >= _MULTILINGUAL_MIN_VOCAB
+        multilingual = encoding.n_vocab >= MULTILINGUAL_VOCAB
     return Tokenizer(encoding, multilingual=multilingual, language=language, task=task)

@@ -7,11 +7,12 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from .alignment import WordTiming, find_alignment
+from ..core.messages import WordTiming
+from ..core.vad import SpeechAudio, VadConfig, VoiceActivityDetector
+from .alignment import find_alignment
 from .decoding import DecodingOptions, FallbackPolicy, decode_with_fallback, detect_language, prefill
 from .engine import Engine
 from .mel import FRAMES_PER_SECOND, HOP_LENGTH, N_FRAMES, N_SAMPLES, SAMPLE_RATE
-from .vad import SpeechAudio, VadConfig, VoiceActivityDetector
 
 SECONDS_PER_TOKEN = 0.02
 SILENCE_PEAK = 1e-3  # a window whose samples all stay below this (-60 dBFS) is digital silence: not decoded

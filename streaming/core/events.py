@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from streaming.agreement import Word
+from streaming.core.agreement import Word
 
 
 def _t(seconds: float) -> float:
