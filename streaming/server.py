@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import hmac
 import http
 import json
@@ -546,15 +547,22 @@ def _peer(ws: ServerConnection) -> str:
 
 
 async def run_server(engine: Any, config: ServerConfig, stop: asyncio.Event | None = None,
-                     runner: Runner | None = None) -> int:
-    """Serve until SIGTERM/SIGINT (or ``stop`` is set), then drain for ``config.drain_seconds``; returns 0."""
+                     runner: Runner | None = None, wyoming_uri: str | None = None,
+                     wyoming_zeroconf: str | None = None) -> int:
+    """Serve until SIGTERM/SIGINT (or ``stop`` is set), then drain for ``config.drain_seconds``; returns 0.
+    ``wyoming_uri`` also serves the Wyoming protocol there (:mod:`streaming.wyoming`), ``wyoming_zeroconf``
+    announces it under that name (``""``: the default)."""
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     signals = (signal.SIGTERM, signal.SIGINT)
     for sig in signals:
         loop.add_signal_handler(sig, stop.set)
     try:
-        async with Server(engine, config, runner) as server:
+        async with Server(engine, config, runner) as server, contextlib.AsyncExitStack() as services:
+            if wyoming_uri is not None:
+                from .wyoming import WyomingService
+
+                await services.enter_async_context(WyomingService(server, wyoming_uri, wyoming_zeroconf))
             await stop.wait()
             log.info("shutting down: draining %d open stream(s) (up to %g s)", server.active_streams,
                      config.drain_seconds)
@@ -584,7 +592,15 @@ def serve_command(args: argparse.Namespace) -> int:
                               max_wait_ms=args.max_wait_ms, workers=args.workers,
                               max_utilization=args.max_utilization, heap_trim_seconds=args.heap_trim_seconds,
                               shed_after_ms=args.shed_after_ms)
-    except ValueError as exc:
+        if args.wyoming_uri is not None:
+            from .wyoming import check_zeroconf, parse_uri
+
+            parse_uri(args.wyoming_uri)
+            if args.wyoming_zeroconf is not None:
+                check_zeroconf()
+        elif args.wyoming_zeroconf is not None:
+            raise ValueError("--wyoming-zeroconf announces the Wyoming service: add --wyoming-uri tcp://HOST:PORT")
+    except (ValueError, RuntimeError) as exc:
         print(f"whisper-stream: {exc}", file=sys.stderr)
         return 2
     torch_threads = configure_threads(args.threads or max(1, min(os.cpu_count() or 1, 4) // config.workers))
@@ -612,7 +628,8 @@ def serve_command(args: argparse.Namespace) -> int:
         print(f"whisper-stream: {exc}", file=sys.stderr)
         return 2
     try:
-        return asyncio.run(run_server(engine, config, runner=runner))
+        return asyncio.run(run_server(engine, config, runner=runner, wyoming_uri=args.wyoming_uri,
+                                      wyoming_zeroconf=args.wyoming_zeroconf))
     except OSError as exc:
-        print(f"whisper-stream: cannot listen on {args.host}:{args.port}: {exc}", file=sys.stderr)
+        print(f"whisper-stream: cannot listen: {exc}", file=sys.stderr)
         return 2
