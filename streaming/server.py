@@ -249,11 +249,12 @@ class Server:
         """Refuse new streams, end open ones (their audio so far is decoded and sent) and wait up to
         ``timeout`` seconds for them; True when all finished in time."""
         self.draining = True
-        for stream in self._streams.values():
+        streams = list(self._streams.items())  # a stream with no decode in flight may end at once
+        for _, stream in streams:
             stream.apply(stream.session.drain())
-        if not self._streams:
+        if not streams:
             return True
-        _, pending = await asyncio.wait(list(self._streams), timeout=timeout)
+        _, pending = await asyncio.wait([task for task, _ in streams], timeout=timeout)
         if pending:
             log.warning("drain deadline: closing %d streams that did not finish in %g s", len(pending), timeout)
         return not pending

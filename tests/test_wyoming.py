@@ -8,6 +8,10 @@ import contextlib
 import importlib.resources
 import json
 import logging
+import os
+import re
+import signal
+import subprocess
 import sys
 import time
 import urllib.error
@@ -40,7 +44,8 @@ from streaming.server import Server, ServerConfig
 from streaming.tokenizer import load_tokenizer
 from streaming.wyoming import DEFAULT_PORT, ZEROCONF_TYPE, WyomingService, check_zeroconf, parse_uri
 
-COMPOSE = Path(__file__).resolve().parent.parent / "deploy" / "compose.wyoming.yaml"
+REPO = Path(__file__).resolve().parent.parent
+COMPOSE = REPO / "deploy" / "compose.wyoming.yaml"
 STREAMING_EVENTS = ["transcript-start", "transcript-chunk", "transcript-stop", "transcript"]
 
 
@@ -149,6 +154,13 @@ def http_get(url: str) -> tuple[int, dict]:
             return response.status, json.loads(response.read())
     except urllib.error.HTTPError as exc:
         return exc.code, json.loads(exc.read())
+
+
+def audio_seconds(port: int) -> float:
+    """``whisper_stream_audio_seconds_total`` from the server's /metrics (blocking: run it in a thread)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        (value,) = re.findall(r"^whisper_stream_audio_seconds_total (\S+)$", response.read().decode(), re.M)
+    return float(value)
 
 
 async def describes(service: WyomingService) -> Info:
@@ -363,15 +375,17 @@ async def test_a_client_leaving_mid_command_frees_its_stream(tiny_engine: Engine
 
 async def test_draining_answers_open_commands_and_refuses_new_ones(tiny_engine: Engine) -> None:
     async with serving(tiny_engine) as (server, service):
-        async with client(service) as wy, client(service) as late:
-            await send_command(wy, pcm(voice(20)), stop=False)
+        async with client(service) as talker, client(service) as silent, client(service) as late:
+            await send_command(talker, pcm(voice(20)), stop=False)
+            await send_command(silent, bytes(3200), stop=False)  # nothing to decode: ends as soon as it drains
             async with asyncio.timeout(30):
-                while not server.active_streams:
+                while server.active_streams < 2:
                     await asyncio.sleep(0.01)
             draining = asyncio.create_task(server.drain(30))
-            replies = await events_until(wy)
-            assert types(replies)[-2:] == ["transcript-stop", "transcript"]
-            assert await wy.read_event() is None  # closed after the transcript
+            for wy in (talker, silent):
+                replies = await events_until(wy)
+                assert types(replies)[-2:] == ["transcript-stop", "transcript"]
+                assert await wy.read_event() is None  # closed after the transcript
             assert await draining
             await late.write_event(AudioStart(SAMPLE_RATE, 2, 1).event())
             assert errors(await events_until(late)) == ["draining"]
@@ -470,3 +484,43 @@ async def test_two_clients_at_once_each_get_their_own_transcript(real_engine: En
         assert server.metrics.streams_total == 2
     for text, (_, reference) in zip(texts, clips):
         assert wer(shared_eval, reference, text) <= 0.15, texts
+
+
+@pytest.mark.real_model
+def test_serve_with_a_wyoming_uri_answers_and_sigterm_drains_an_open_command(shared_eval: Path) -> None:
+    """``whisper-stream serve --wyoming-uri`` in a child process: both protocols listen; SIGTERM mid-command
+    answers the command with the transcript of its audio so far, then the process exits 0."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "streaming.cli", "serve", "--port", "0", "--wyoming-uri", "tcp://127.0.0.1:0",
+         "--threads", "1", "--workers", "1", "--device", "cpu", "--drain-seconds", "60"],
+        cwd=REPO, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    audio, reference = spoken(shared_eval, PASSWORD)
+    try:
+        lines = []
+        for line in process.stderr:
+            lines.append(line)
+            if found := re.search(r"Wyoming speech-to-text on tcp://127\.0\.0\.1:(\d+)", line):
+                break
+        else:
+            pytest.fail("the server did not start:\n" + "".join(lines))
+        (http_port,) = re.findall(r"listening on ws://127\.0\.0\.1:(\d+)/", "".join(lines))
+
+        async def command() -> list[Event]:
+            async with AsyncTcpClient("127.0.0.1", int(found.group(1)), read_timeout=120) as wy:
+                await send_command(wy, pcm(audio), stop=False)
+                async with asyncio.timeout(30):  # until the server has read all of it
+                    while await asyncio.to_thread(audio_seconds, int(http_port)) < len(audio) / SAMPLE_RATE:
+                        await asyncio.sleep(0.05)
+                process.send_signal(signal.SIGTERM)
+                return await events_until(wy)
+
+        text = streamed_in_order(asyncio.run(command()))
+        assert process.wait(timeout=60) == 0
+        log = "".join(lines) + process.stderr.read()
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        process.stderr.close()
+    assert wer(shared_eval, reference, text) <= 0.15, (text, log)
+    assert "draining 1 open stream(s)" in log and "stopped" in log
