@@ -10,7 +10,7 @@ import subprocess
 
 import numpy as np
 
-from .core.audio import SAMPLE_RATE, AudioFormatError, check_rate, resample
+from .core.audio import INTEGER_ENCODINGS, SAMPLE_RATE, AudioFormatError, check_rate, integer_samples, resample
 
 _WAVE_FORMAT_PCM = 0x0001
 _WAVE_FORMAT_IEEE_FLOAT = 0x0003
@@ -81,13 +81,8 @@ def _decode_wav_data(
         raise _corrupt(path, f"bad fmt chunk: {channels} channels, {rate} Hz, block align {block_align}")
     width = block_align // channels
     n = len(data) // block_align
-    if tag == _WAVE_FORMAT_PCM and width in (1, 2, 4):
-        ints = np.frombuffer(data, dtype=f"<{'u' if width == 1 else 'i'}{width}", count=n * channels)
-        samples = (ints.astype(np.float64) - (128 if width == 1 else 0)) / 2.0 ** (8 * width - 1)
-    elif tag == _WAVE_FORMAT_PCM and width == 3:
-        b = np.frombuffer(data, dtype=np.uint8, count=n * block_align).reshape(-1, 3).astype(np.int32)
-        ints = ((b[:, 0] | b[:, 1] << 8 | b[:, 2] << 16) ^ 0x800000) - 0x800000
-        samples = ints / 2.0**23
+    if tag == _WAVE_FORMAT_PCM and width in INTEGER_ENCODINGS:
+        samples = integer_samples(data[: n * block_align], width)
     elif tag == _WAVE_FORMAT_IEEE_FLOAT and width in (4, 8):
         samples = np.frombuffer(data, dtype=f"<f{width}", count=n * channels).astype(np.float64)
         if not np.isfinite(samples).all():

@@ -110,6 +110,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
                    help="weights and activations (default auto: float16 on CUDA; on CPU bfloat16 where the CPU has "
                         "AMX or AVX-512 BF16, about 40%% less CPU per stream, else float32)")
+    s.add_argument("--wyoming-uri", default=None, metavar="tcp://HOST:PORT",
+                   help="also serve speech-to-text over the Wyoming protocol (Home Assistant, Rhasspy) here, "
+                        "e.g. tcp://0.0.0.0:10300; shares the model and the stream limits (docs/wyoming.md)")
+    s.add_argument("--wyoming-zeroconf", nargs="?", const="", default=None, metavar="NAME",
+                   help="announce the Wyoming service over mDNS (zeroconf) for Home Assistant to discover, as NAME "
+                        "(default: whisper-stream-HOSTNAME); needs: pip install zeroconf")
     s.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     s.set_defaults(run=_serve)
     return parser

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import hmac
 import http
 import json
@@ -22,7 +23,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import parse_qs, urlsplit
 
 from websockets.asyncio.server import ServerConnection, serve
@@ -131,10 +132,20 @@ class RefusalLog:
         log.warning("refused a stream (%s): %s%s", code, detail, more)
 
 
+class Stream(Protocol):
+    """An open stream of any wire protocol, as the server tracks it for admission and draining."""
+
+    session: Session
+
+    def apply(self, actions: list[Action]) -> None:
+        """Carry out the session's actions (queue messages, start decodes) without blocking."""
+
+
 class Server:
     """The streaming server on one engine: ``async with Server(engine, config) as server: server.port``.
     ``runner`` replaces the scheduler's (e.g. a :class:`streaming.workers.ProcessRunner`); the server
-    closes it when it stops."""
+    closes it when it stops. Adapters of other wire protocols (:mod:`streaming.wyoming`) share its
+    scheduler and count their streams with :meth:`admit`, :meth:`open_stream` and :meth:`close_stream`."""
 
     def __init__(self, engine: Any, config: ServerConfig = ServerConfig(), runner: Runner | None = None):
         self.engine = engine
@@ -145,7 +156,7 @@ class Server:
         self.draining = False
         self.admission = Admission(config.workers, config.max_utilization or 1.0, enabled=config.max_utilization > 0)
         self.refusals = RefusalLog()
-        self._connections: dict[asyncio.Task, _Connection] = {}
+        self._streams: dict[asyncio.Task, Stream] = {}  # by the task that runs each stream
         self._scheduler: Scheduler | None = None
         self._trimmer: HeapTrimmer | None = None
         self._server = None
@@ -175,6 +186,13 @@ class Server:
                  self.config.max_streams)
 
     @property
+    def scheduler(self) -> Scheduler:
+        """The inference scheduler all streams share."""
+        if self._scheduler is None:
+            raise RuntimeError("the server is not started; call start() first")
+        return self._scheduler
+
+    @property
     def port(self) -> int:
         if self._server is None:
             raise RuntimeError("the server is not started; call start() first")
@@ -186,26 +204,57 @@ class Server:
 
     @property
     def active_streams(self) -> int:
-        return len(self._connections)
+        return len(self._streams)
 
     @property
     def readiness(self) -> str:
         """``ok`` while a new stream would be accepted, else why not: ``draining`` or ``full``."""
+        reason = self._refusal()
+        return "ok" if reason is None else "draining" if reason[0] == "draining" else "full"
+
+    def _refusal(self) -> tuple[str, str] | None:
+        """Why a new stream would be refused now, as (code, message), or None."""
         if self.draining:
-            return "draining"
-        if self.active_streams >= self.config.max_streams or not self.admission.admits(self.active_streams):
-            return "full"
-        return "ok"
+            return "draining", "the server is shutting down; retry on another instance"
+        if self.active_streams >= self.config.max_streams:
+            return "capacity", (f"the server is at its limit of {self.config.max_streams} streams; retry later "
+                                "or on another instance")
+        if not self.admission.admits(self.active_streams):
+            return "overloaded", "the server's inference capacity is in use; retry later or on another instance"
+        return None
+
+    def admit(self, peer: str) -> tuple[str, str] | None:
+        """May a new stream from ``peer`` open now? None if so, else the refusal as (code, message), counted
+        in the metrics and logged."""
+        reason = self._refusal()
+        if reason is not None:
+            self.metrics.count_error(reason[0])
+            if reason[0] != "draining":
+                self.refusals.refused(reason[0], f"from {peer}: {self._load_detail(self.active_streams)}")
+        return reason
+
+    def open_stream(self, task: asyncio.Task, stream: Stream) -> None:
+        """``task`` now runs ``stream``: it counts for admission and metrics, and :meth:`drain` ends it."""
+        self._streams[task] = stream
+        self.admission.set_streams(len(self._streams))
+        self.metrics.stream_opened()
+
+    def close_stream(self, task: asyncio.Task) -> None:
+        """The stream that ``task`` ran has ended."""
+        del self._streams[task]
+        self.admission.set_streams(len(self._streams))
+        self.metrics.stream_closed()
 
     async def drain(self, timeout: float) -> bool:
         """Refuse new streams, end open ones (their audio so far is decoded and sent) and wait up to
         ``timeout`` seconds for them; True when all finished in time."""
         self.draining = True
-        for connection in self._connections.values():
-            connection.apply(connection.session.drain())
-        if not self._connections:
+        streams = list(self._streams.items())  # a stream with no decode in flight may end at once
+        for _, stream in streams:
+            stream.apply(stream.session.drain())
+        if not streams:
             return True
-        _, pending = await asyncio.wait(list(self._connections), timeout=timeout)
+        _, pending = await asyncio.wait([task for task, _ in streams], timeout=timeout)
         if pending:
             log.warning("drain deadline: closing %d streams that did not finish in %g s", len(pending), timeout)
         return not pending
@@ -267,22 +316,11 @@ class Server:
                             "forbidden_origin: this origin may not open streams\n", "text/plain; charset=utf-8")
         if not self._authorized(request, query):
             return self._unauthorized(connection)
-        if self.draining:
-            return self._busy(connection, "draining", "the server is shutting down; retry on another instance")
-        if self.active_streams >= self.config.max_streams:
-            return self._busy(connection, "capacity", f"the server is at its limit of {self.config.max_streams} "
-                                                      "streams; retry later or on another instance")
-        if not self.admission.admits(self.active_streams):
-            return self._busy(connection, "overloaded", "the server's inference capacity is in use; retry later "
-                                                        "or on another instance")
-        return None
-
-    def _busy(self, connection: ServerConnection, code: str, message: str) -> Response:
-        """HTTP 503 before the upgrade, so that a load balancer can send the stream to another instance."""
-        self.metrics.count_error(code)
-        if code != "draining":
-            self.refusals.refused(code, self._load_detail(self.active_streams))
-        response = _respond(connection, http.HTTPStatus.SERVICE_UNAVAILABLE, json.dumps(error_message(code, message)),
+        reason = self.admit(_peer(connection))
+        if reason is None:
+            return None
+        # HTTP 503 before the upgrade, so that a load balancer can send the stream to another instance.
+        response = _respond(connection, http.HTTPStatus.SERVICE_UNAVAILABLE, json.dumps(error_message(*reason)),
                             "application/json")
         response.headers["Retry-After"] = "1"
         return response
@@ -309,27 +347,17 @@ class Server:
     # --- WebSocket -----------------------------------------------------------------------------------
 
     async def _handle(self, ws: ServerConnection) -> None:
-        assert self._scheduler is not None
-        # The handshake checks capacity (HTTP 503); these catch handshakes that passed it at the same time.
-        if len(self._connections) >= self.config.max_streams:
-            self.metrics.count_error("capacity")
-            self.refusals.refused("capacity", f"from {_peer(ws)}: all {self.config.max_streams} streams busy")
-            await _send_all(ws, refusal("capacity", f"the server is at its limit of {self.config.max_streams} "
-                                                    "streams; retry later", TRY_AGAIN_LATER))
-            return
-        if not self.admission.admits(len(self._connections)):
-            self.metrics.count_error("overloaded")
-            self.refusals.refused("overloaded", f"from {_peer(ws)}: {self._load_detail(len(self._connections))}")
-            await _send_all(ws, refusal("overloaded", "the server's inference capacity is in use; retry later or "
-                                                      "on another instance", TRY_AGAIN_LATER))
+        # The handshake checks capacity (HTTP 503); this catches handshakes that passed it at the same time. A
+        # stream accepted while the server drains is ended at once, like the others.
+        reason = None if self.draining else self.admit(_peer(ws))
+        if reason is not None:
+            await _send_all(ws, refusal(*reason, TRY_AGAIN_LATER))
             return
         session = Session(self.info, max_message_bytes=self.config.max_message_bytes)
-        connection = _Connection(ws, session, self._scheduler, self.metrics, self.config.idle_timeout)
+        connection = _Connection(ws, session, self.scheduler, self.metrics, self.config.idle_timeout)
         task = asyncio.current_task()
         assert task is not None
-        self._connections[task] = connection
-        self.admission.set_streams(len(self._connections))
-        self.metrics.stream_opened()
+        self.open_stream(task, connection)
         log.info("session %s: stream opened from %s", session.id, _peer(ws))
         try:
             if self.draining:
@@ -340,9 +368,7 @@ class Server:
             connection.crashed = True
             await _send_all(ws, refusal("internal", "internal server error (logged on the server)", INTERNAL_ERROR))
         finally:
-            del self._connections[task]
-            self.admission.set_streams(len(self._connections))
-            self.metrics.stream_closed()
+            self.close_stream(task)
             outcome = "failed" if connection.crashed else "ended" if session.closed else "client left"
             log.info("session %s: %s after %.1f s of audio, %d finals", session.id, outcome, session.audio_seconds,
                      session.stats["finals"])
@@ -522,15 +548,22 @@ def _peer(ws: ServerConnection) -> str:
 
 
 async def run_server(engine: Any, config: ServerConfig, stop: asyncio.Event | None = None,
-                     runner: Runner | None = None) -> int:
-    """Serve until SIGTERM/SIGINT (or ``stop`` is set), then drain for ``config.drain_seconds``; returns 0."""
+                     runner: Runner | None = None, wyoming_uri: str | None = None,
+                     wyoming_zeroconf: str | None = None) -> int:
+    """Serve until SIGTERM/SIGINT (or ``stop`` is set), then drain for ``config.drain_seconds``; returns 0.
+    ``wyoming_uri`` also serves the Wyoming protocol there (:mod:`streaming.wyoming`), ``wyoming_zeroconf``
+    announces it under that name (``""``: the default)."""
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     signals = (signal.SIGTERM, signal.SIGINT)
     for sig in signals:
         loop.add_signal_handler(sig, stop.set)
     try:
-        async with Server(engine, config, runner) as server:
+        async with Server(engine, config, runner) as server, contextlib.AsyncExitStack() as services:
+            if wyoming_uri is not None:
+                from .wyoming import WyomingService
+
+                await services.enter_async_context(WyomingService(server, wyoming_uri, wyoming_zeroconf))
             await stop.wait()
             log.info("shutting down: draining %d open stream(s) (up to %g s)", server.active_streams,
                      config.drain_seconds)
@@ -560,7 +593,15 @@ def serve_command(args: argparse.Namespace) -> int:
                               max_wait_ms=args.max_wait_ms, workers=args.workers,
                               max_utilization=args.max_utilization, heap_trim_seconds=args.heap_trim_seconds,
                               shed_after_ms=args.shed_after_ms)
-    except ValueError as exc:
+        if args.wyoming_uri is not None:
+            from .wyoming import check_zeroconf, parse_uri
+
+            parse_uri(args.wyoming_uri)
+            if args.wyoming_zeroconf is not None:
+                check_zeroconf()
+        elif args.wyoming_zeroconf is not None:
+            raise ValueError("--wyoming-zeroconf announces the Wyoming service: add --wyoming-uri tcp://HOST:PORT")
+    except (ValueError, RuntimeError) as exc:
         print(f"whisper-stream: {exc}", file=sys.stderr)
         return 2
     torch_threads = configure_threads(args.threads or max(1, min(os.cpu_count() or 1, 4) // config.workers))
@@ -588,7 +629,8 @@ def serve_command(args: argparse.Namespace) -> int:
         print(f"whisper-stream: {exc}", file=sys.stderr)
         return 2
     try:
-        return asyncio.run(run_server(engine, config, runner=runner))
+        return asyncio.run(run_server(engine, config, runner=runner, wyoming_uri=args.wyoming_uri,
+                                      wyoming_zeroconf=args.wyoming_zeroconf))
     except OSError as exc:
-        print(f"whisper-stream: cannot listen on {args.host}:{args.port}: {exc}", file=sys.stderr)
+        print(f"whisper-stream: cannot listen: {exc}", file=sys.stderr)
         return 2

@@ -82,12 +82,13 @@ def scorer(shared_eval: Path) -> ModuleType:
 
 @pytest.fixture(scope="session")
 def shared_eval() -> Path:
-    """``../shared/eval`` beside the repository: required in CI, optional on a developer machine."""
-    path = (REPO_ROOT.parent / "shared" / "eval").resolve()
+    """``../shared/eval`` beside the repository (or ``$WHISPER_STREAM_EVAL``, as for the benchmarks): required in
+    CI, optional on a developer machine."""
+    path = Path(os.environ.get("WHISPER_STREAM_EVAL", REPO_ROOT.parent / "shared" / "eval")).resolve()
     if not path.is_dir():
         if os.environ.get("CI") == "true":
             pytest.fail(f"CI must provide the evaluation data at {path} (a ../shared checkout)")
-        pytest.skip(f"evaluation data not found at {path} (needs a ../shared checkout)")
+        pytest.skip(f"evaluation data not found at {path} (needs a ../shared checkout, or set WHISPER_STREAM_EVAL)")
     return path
 
 

@@ -311,6 +311,18 @@ def test_decoder_s16_passthrough_at_16k():
     np.testing.assert_allclose(PcmDecoder(16000).decode(ints.tobytes()), ints / 32768.0)
 
 
+@pytest.mark.parametrize("width", sorted(audio.INTEGER_ENCODINGS))
+def test_decoder_integer_widths_read_as_wav_files_do(tmp_path, width):
+    """Each integer encoding decodes, in chunks and resampled, exactly as a WAV file of that width reads."""
+    rng = np.random.default_rng(width)
+    frames = rng.integers(0, 256, size=44100 // 10 * 2 * width, dtype=np.uint8).tobytes()  # 0.1 s, stereo
+    expected = read_audio(write_wav(tmp_path / "x.wav", frames, 44100, 2, width))
+    decoder = PcmDecoder(44100, audio.INTEGER_ENCODINGS[width], channels=2)
+    cut = 2 * width * 1001
+    out = np.concatenate([decoder.decode(frames[:cut]), decoder.decode(frames[cut:]), decoder.flush()])
+    np.testing.assert_allclose(out, expected, atol=1e-6)
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [

@@ -20,7 +20,9 @@ _KAISER_BETA = 8.6
 _MAX_TABLE = 1 << 21  # largest precomputed coefficient table; rarer ratios compute weights on the fly
 _BLOCK = 1 << 18  # coefficients gathered per block, bounding temporary memory
 
-_ENCODINGS = {"pcm_s16le": np.dtype("<i2"), "pcm_f32le": np.dtype("<f4")}
+# Integer PCM by bytes per sample, as WAV and Wyoming store it: 8-bit unsigned, wider signed little-endian.
+INTEGER_ENCODINGS = {1: "pcm_u8", 2: "pcm_s16le", 3: "pcm_s24le", 4: "pcm_s32le"}
+_ENCODINGS = {**{name: width for width, name in INTEGER_ENCODINGS.items()}, "pcm_f32le": 4}  # bytes per sample
 _MIN_RATE, _MAX_RATE = 8000, 192000
 _MAX_CHANNELS = 8
 
@@ -31,6 +33,17 @@ class AudioFormatError(ValueError):
 
 def _is_int(value: object) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def integer_samples(data: memoryview, width: int) -> np.ndarray:
+    """Integer PCM of ``width`` bytes per sample (see ``INTEGER_ENCODINGS``) as float64 in [-1, 1)."""
+    if width == 3:
+        b = np.frombuffer(data, dtype=np.uint8).reshape(-1, 3).astype(np.int32)
+        return (((b[:, 0] | b[:, 1] << 8 | b[:, 2] << 16) ^ 0x800000) - 0x800000) / 2.0**23
+    samples = np.frombuffer(data, dtype=f"<{'u' if width == 1 else 'i'}{width}").astype(np.float64)
+    if width == 1:
+        samples -= 128
+    return samples / 2.0 ** (8 * width - 1)
 
 
 def check_rate(name: str, rate: object) -> int:
@@ -157,8 +170,8 @@ class PcmDecoder:
                 f"unsupported channel count {channels!r}: use an integer from 1 to {_MAX_CHANNELS}"
             )
         self.sample_rate, self.encoding, self.channels = int(sample_rate), encoding, int(channels)
-        self._dtype = _ENCODINGS[encoding]
-        self.frame_size = self._dtype.itemsize * self.channels
+        self._width = _ENCODINGS[encoding]
+        self.frame_size = self._width * self.channels
         self._resampler = (
             _StreamResampler(self.sample_rate, SAMPLE_RATE) if self.sample_rate != SAMPLE_RATE else None
         )
@@ -174,15 +187,16 @@ class PcmDecoder:
         if raw.nbytes % self.frame_size:
             raise AudioFormatError(
                 f"got {raw.nbytes} bytes, not a whole number of {self.frame_size}-byte frames "
-                f"({self._dtype.itemsize}-byte {self.encoding} samples x {self.channels} channel(s)); "
+                f"({self._width}-byte {self.encoding} samples x {self.channels} channel(s)); "
                 "send chunks whose length is a multiple of the frame size"
             )
-        with np.errstate(invalid="ignore"):  # signalling NaNs in pcm_f32le are refused just below
-            samples = np.frombuffer(raw, dtype=self._dtype).astype(np.float64)
-        if self.encoding == "pcm_s16le":
-            samples /= 32768.0
-        elif not np.isfinite(samples).all():
-            raise AudioFormatError("pcm_f32le chunk contains NaN or infinite samples; send finite values")
+        if self.encoding != "pcm_f32le":
+            samples = integer_samples(raw, self._width)
+        else:
+            with np.errstate(invalid="ignore"):  # signalling NaNs are refused just below
+                samples = np.frombuffer(raw, dtype="<f4").astype(np.float64)
+            if not np.isfinite(samples).all():
+                raise AudioFormatError("pcm_f32le chunk contains NaN or infinite samples; send finite values")
         mono = np.clip(samples, -1.0, 1.0).reshape(-1, self.channels).mean(axis=1)
         if self._resampler is not None:
             mono = np.clip(self._resampler.process(mono), -1.0, 1.0)

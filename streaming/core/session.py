@@ -166,6 +166,11 @@ class Session:
         return self._samples / SAMPLE_RATE
 
     @property
+    def language(self) -> str | None:
+        """The stream's language: as started, or once detected; None before."""
+        return self._core.language if self._core is not None else None
+
+    @property
     def backlog_seconds(self) -> float:
         """Audio received while the current decode runs; the adapter may stop reading while this is large."""
         return (self._samples - self._samples_at_request) / SAMPLE_RATE if self._in_flight is not None else 0.0
@@ -191,6 +196,13 @@ class Session:
         if not isinstance(message, dict) or not isinstance(message.get("type"), str):
             return self._error("bad_json", 'a text message must be a JSON object with a string "type" field, '
                                            'e.g. {"type": "stop"}')
+        return self.receive(message)
+
+    def receive(self, message: dict[str, Any]) -> list[Action]:
+        """A control message as a dict with a string ``type`` (``start``, ``finalize`` or ``stop``): what
+        :meth:`receive_text` parses, or what an adapter of another wire protocol builds."""
+        if self.closed:
+            return []
         kind = message["type"]
         if kind not in MESSAGE_TYPES:
             return self._error("unknown_type", f"unknown message type {kind!r}; allowed: {', '.join(MESSAGE_TYPES)}")
@@ -274,7 +286,7 @@ class Session:
         if not _is_int(sample_rate):
             raise _bad_start(f"sample_rate must be an integer number of Hz, got {sample_rate!r}")
         if not isinstance(encoding, str):
-            raise _bad_start(f"encoding must be a string ('pcm_s16le' or 'pcm_f32le'), got {encoding!r}")
+            raise _bad_start(f"encoding must be a string such as 'pcm_s16le', got {encoding!r}")
         if not _is_int(channels):
             raise _bad_start(f"channels must be an integer, got {channels!r}")
         language = self._language(get("language"))
@@ -398,9 +410,8 @@ class Session:
     def _done(self) -> list[Action]:
         reason, close_code = self._end
         self.state = "closed"
-        language = self._core.language if self._core is not None else None
         done = {"type": "done", "reason": reason, "audio_seconds": round(self.audio_seconds, 3),
-                "language": language, **self.stats, "elapsed": round(self._clock() - self._opened, 3)}
+                "language": self.language, **self.stats, "elapsed": round(self._clock() - self._opened, 3)}
         return [Send(done), Close(close_code, reason)]
 
     def _error(self, code: str, message: str) -> list[Action]:
