@@ -3,11 +3,23 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
+import json
+import logging
 import os
+import signal
 import sys
 import time
+from typing import TYPE_CHECKING, Any
 
 from .formats import FORMATS, Cue, render
+
+if TYPE_CHECKING:
+    from .scheduler import Runner
+    from .server import ServerConfig
+
+log = logging.getLogger(__name__)
 
 
 def _transcribe(args: argparse.Namespace) -> int:
@@ -116,15 +128,114 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--wyoming-zeroconf", nargs="?", const="", default=None, metavar="NAME",
                    help="announce the Wyoming service over mDNS (zeroconf) for Home Assistant to discover, as NAME "
                         "(default: whisper-stream-HOSTNAME); needs: pip install zeroconf")
+    s.add_argument("--port-file", default=None, metavar="PATH",
+                   help="once listening, write the bound addresses here as JSON (host, port, url, wyoming_port): "
+                        "for scripts and tests that start the server on port 0")
     s.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     s.set_defaults(run=_serve)
     return parser
 
 
-def _serve(args: argparse.Namespace) -> int:
-    from .server import serve_command
+async def run_server(engine: Any, config: ServerConfig, stop: asyncio.Event | None = None,
+                     runner: Runner | None = None, wyoming_uri: str | None = None,
+                     wyoming_zeroconf: str | None = None, port_file: str | None = None) -> int:
+    """Serve until SIGTERM/SIGINT (or ``stop`` is set), then drain for ``config.drain_seconds``; returns 0.
+    ``wyoming_uri`` also serves the Wyoming protocol there (:mod:`streaming.wyoming`), ``wyoming_zeroconf``
+    announces it under that name (``""``: the default); ``port_file`` receives the bound addresses as JSON."""
+    from .server import Server
 
-    return serve_command(args)
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    signals = (signal.SIGTERM, signal.SIGINT)
+    for sig in signals:
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        async with Server(engine, config, runner) as server, contextlib.AsyncExitStack() as services:
+            wyoming = None
+            if wyoming_uri is not None:
+                from .wyoming import WyomingService
+
+                wyoming = await services.enter_async_context(WyomingService(server, wyoming_uri, wyoming_zeroconf))
+            if port_file:
+                _write_json(port_file, {"host": config.host, "port": server.port, "url": server.url,
+                                        "wyoming_port": wyoming.port if wyoming else None})
+            await stop.wait()
+            log.info("shutting down: draining %d open stream(s) (up to %g s)", server.active_streams,
+                     config.drain_seconds)
+            await server.drain(config.drain_seconds)
+    finally:
+        for sig in signals:
+            loop.remove_signal_handler(sig)
+    log.info("stopped")
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    """``whisper-stream serve``: load the model once and run the server until a signal."""
+    from .engine import Engine, configure_threads
+    from .engine.weights import ModelLoadError, choose_device
+    from .server import ServerConfig
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.log_level.upper() != "DEBUG":
+        logging.getLogger("websockets").setLevel(logging.WARNING)
+    try:
+        config = ServerConfig(host=args.host, port=args.port, max_streams=args.max_streams,
+                              max_message_bytes=args.max_message_bytes, idle_timeout=args.idle_timeout,
+                              token=args.token, allow_origins=tuple(args.allow_origin or ()),
+                              drain_seconds=args.drain_seconds, max_batch=args.max_batch,
+                              max_wait_ms=args.max_wait_ms, workers=args.workers,
+                              max_utilization=args.max_utilization, heap_trim_seconds=args.heap_trim_seconds,
+                              shed_after_ms=args.shed_after_ms)
+        if args.wyoming_uri is not None:
+            from .wyoming import check_zeroconf, parse_uri
+
+            parse_uri(args.wyoming_uri)
+            if args.wyoming_zeroconf is not None:
+                check_zeroconf()
+        elif args.wyoming_zeroconf is not None:
+            raise ValueError("--wyoming-zeroconf announces the Wyoming service: add --wyoming-uri tcp://HOST:PORT")
+    except (ValueError, RuntimeError) as exc:
+        print(f"whisper-stream: {exc}", file=sys.stderr)
+        return 2
+    torch_threads = configure_threads(args.threads or max(1, min(os.cpu_count() or 1, 4) // config.workers))
+    try:
+        device = choose_device(args.device)
+    except ModelLoadError as exc:
+        print(f"whisper-stream: {exc}", file=sys.stderr)
+        return 2
+    if args.worker_processes and device.type != "cpu":
+        print("whisper-stream: --worker-processes runs on CPU only; drop it or --device", file=sys.stderr)
+        return 2
+    runner = None
+    try:
+        if args.worker_processes:
+            from .workers import ProcessRunner
+
+            runner = ProcessRunner(args.model, args.dtype, config.workers,
+                                   threads=torch_threads, heap_trim_seconds=config.heap_trim_seconds)
+            log.info("model loaded in %d inference processes (pids %s)", config.workers,
+                     " ".join(map(str, runner.pids)))
+            engine = runner.engine
+        else:
+            engine = Engine.load(args.model, device=str(device), dtype=args.dtype)
+    except (ModelLoadError, RuntimeError) as exc:
+        print(f"whisper-stream: {exc}", file=sys.stderr)
+        return 2
+    try:
+        return asyncio.run(run_server(engine, config, runner=runner, wyoming_uri=args.wyoming_uri,
+                                      wyoming_zeroconf=args.wyoming_zeroconf, port_file=args.port_file))
+    except OSError as exc:
+        print(f"whisper-stream: cannot listen: {exc}", file=sys.stderr)
+        return 2
+
+
+def _write_json(path: str, data: dict) -> None:
+    """Write ``data`` to ``path`` whole or not at all: a reader polling for the file never sees half of it."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(data, f)
+    os.replace(tmp, path)
 
 
 def main(argv: list[str] | None = None) -> int:

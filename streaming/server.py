@@ -1,25 +1,21 @@
-"""The WebSocket server: adapts protocol sessions to websockets, shares one model through the scheduler.
+"""The server's front: HTTP routes, authentication, origin checks, admission and draining for every wire
+protocol, and the scheduler they all share. Each stream runs in its wire protocol's adapter
+(:data:`WEBSOCKET_ROUTES`: :mod:`streaming.native`; :mod:`streaming.wyoming` on its own TCP port).
 
 One port serves the stream endpoint (``/v1/listen``) and plain HTTP: ``/healthz`` (readiness: 503 while
 draining or full), ``/livez`` (liveness), ``/metrics`` and the browser client at ``/``. ``Server`` is the
-embeddable object (tests start it on port 0); ``run_server`` adds signal handling and draining for the
+embeddable object (tests start it on port 0); ``streaming.cli`` adds signal handling and draining for the
 ``whisper-stream serve`` command.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import contextlib
 import hmac
 import http
 import json
 import logging
-import os
-import signal
-import sys
 import time
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,38 +23,28 @@ from typing import Any, Protocol
 from urllib.parse import parse_qs, urlsplit
 
 from websockets.asyncio.server import ServerConnection, serve
-from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
 from . import __version__
 from .admission import Admission
 from .core.session import (
     DEFAULT_MAX_MESSAGE_BYTES,
-    INTERNAL_ERROR,
     PATH,
-    TRY_AGAIN_LATER,
     Action,
-    Close,
     EngineInfo,
-    Run,
-    Send,
     Session,
     error_message,
-    refusal,
-    warning_message,
 )
 from .heap import HeapTrimmer
 from .metrics import Metrics
+from .native import peer, serve_stream
 from .scheduler import Runner, Scheduler
 
 log = logging.getLogger(__name__)
 
-# Stop reading a client's audio while this much has arrived during one decode (TCP backpressure).
-MAX_BACKLOG_SECONDS = 10.0
-# Messages queued for a client that does not read them: past LAG_MESSAGES partials are dropped (finals
-# never); past MAX_OUTBOX the server also stops reading the client's audio until the queue drains.
-LAG_MESSAGES = 16
-MAX_OUTBOX = 256
+# The stream endpoints, each served by its wire protocol's adapter.
+WEBSOCKET_ROUTES = {PATH: serve_stream}
+
 # The browser client ships in the sibling `clients` package (installed beside `streaming`).
 INDEX_PATHS = (Path(__file__).resolve().parent.parent / "clients" / "web" / "index.html",)
 PLACEHOLDER_PAGE = f"""<!doctype html>
@@ -280,7 +266,7 @@ class Server:
 
     def _process_request(self, connection: ServerConnection, request: Request) -> Response | None:
         url = urlsplit(request.path)
-        if url.path == PATH:
+        if url.path in WEBSOCKET_ROUTES:
             return self._check_stream_request(connection, request, parse_qs(url.query))
         if url.path == "/healthz":
             status = self.readiness
@@ -316,7 +302,7 @@ class Server:
                             "forbidden_origin: this origin may not open streams\n", "text/plain; charset=utf-8")
         if not self._authorized(request, query):
             return self._unauthorized(connection)
-        reason = self.admit(_peer(connection))
+        reason = self.admit(peer(connection))
         if reason is None:
             return None
         # HTTP 503 before the upgrade, so that a load balancer can send the stream to another instance.
@@ -347,188 +333,8 @@ class Server:
     # --- WebSocket -----------------------------------------------------------------------------------
 
     async def _handle(self, ws: ServerConnection) -> None:
-        # The handshake checks capacity (HTTP 503); this catches handshakes that passed it at the same time. A
-        # stream accepted while the server drains is ended at once, like the others.
-        reason = None if self.draining else self.admit(_peer(ws))
-        if reason is not None:
-            await _send_all(ws, refusal(*reason, TRY_AGAIN_LATER))
-            return
-        session = Session(self.info, max_message_bytes=self.config.max_message_bytes)
-        connection = _Connection(ws, session, self.scheduler, self.metrics, self.config.idle_timeout)
-        task = asyncio.current_task()
-        assert task is not None
-        self.open_stream(task, connection)
-        log.info("session %s: stream opened from %s", session.id, _peer(ws))
-        try:
-            if self.draining:
-                connection.apply(session.drain())
-            await connection.run()
-        except Exception:
-            log.exception("session %s: connection handler failed", session.id)
-            connection.crashed = True
-            await _send_all(ws, refusal("internal", "internal server error (logged on the server)", INTERNAL_ERROR))
-        finally:
-            self.close_stream(task)
-            outcome = "failed" if connection.crashed else "ended" if session.closed else "client left"
-            log.info("session %s: %s after %.1f s of audio, %d finals", session.id, outcome, session.audio_seconds,
-                     session.stats["finals"])
-
-
-class _Outbox:
-    """Messages waiting for a client, in order, bounded by policy: while more than ``LAG_MESSAGES`` wait,
-    queued partials are superseded by the newest one and the client is warned (once per episode); finals
-    and everything else always stay. ``full`` tells the reader to stop taking audio."""
-
-    def __init__(self) -> None:
-        self._items: deque[Send | Close] = deque()
-        self._ready = asyncio.Event()
-        self._lagging = False
-        self.dropped = 0
-
-    def __len__(self) -> int:
-        return len(self._items)
-
-    @property
-    def full(self) -> bool:
-        return len(self._items) >= MAX_OUTBOX
-
-    def put(self, action: Send | Close) -> None:
-        if isinstance(action, Send) and action.message["type"] == "partial" and len(self._items) >= LAG_MESSAGES:
-            kept = deque(a for a in self._items if not (isinstance(a, Send) and a.message["type"] == "partial"))
-            self.dropped += len(self._items) - len(kept)
-            self._items = kept
-            if not self._lagging:
-                self._lagging = True
-                self._items.append(Send(warning_message(
-                    "client_lagging", f"more than {LAG_MESSAGES} messages wait for this client: older partials "
-                    "are dropped (finals never are); read messages as they arrive")))
-        self._items.append(action)
-        self._ready.set()
-
-    async def get(self) -> Send | Close:
-        while not self._items:
-            self._ready.clear()
-            await self._ready.wait()
-        if len(self._items) <= 1:
-            self._lagging = False
-        return self._items.popleft()
-
-
-class _Connection:
-    """Runs one session on one WebSocket: a reader, a writer that keeps messages in order, decode tasks."""
-
-    def __init__(self, ws: ServerConnection, session: Session, scheduler: Scheduler, metrics: Metrics,
-                 idle_timeout: float):
-        self.ws, self.session, self.scheduler, self.metrics = ws, session, scheduler, metrics
-        self.idle_timeout = idle_timeout or None
-        self.outbox = _Outbox()
-        self.warned_backlog = False  # audio_backlog is sent once per stream
-        self.decodes: set[asyncio.Task] = set()
-        self.progress = asyncio.Event()
-        self.crashed = False
-
-    def apply(self, actions: list[Action]) -> None:
-        """Queue messages in order and start decodes (never blocks)."""
-        if self.crashed:
-            return
-        for action in actions:
-            if isinstance(action, Run):
-                task = asyncio.create_task(self._decode(action))
-                self.decodes.add(task)
-                task.add_done_callback(self.decodes.discard)
-                continue
-            if isinstance(action, Send) and action.message["type"] == "error":
-                code = action.message["code"]
-                self.metrics.count_error(code)
-                log.debug("session %s: error %s: %s", self.session.id, code, action.message["message"])
-            elif isinstance(action, Close) and action.code != 1000:
-                log.info("session %s: closing with %d (%s)", self.session.id, action.code, action.reason)
-            self.outbox.put(action)
-
-    async def run(self) -> None:
-        self.apply(self.session.open())
-        reader, writer = asyncio.create_task(self._read()), asyncio.create_task(self._write())
-        closed = asyncio.create_task(self.ws.wait_closed())
-        try:
-            # The writer returns after sending Close; the reader or `closed` end first when the client leaves.
-            await asyncio.wait({reader, writer, closed}, return_when=asyncio.FIRST_COMPLETED)
-            if self.crashed:
-                await writer  # send the internal error and close 1011
-            if writer.done() and writer.exception() is not None:
-                raise writer.exception()
-        finally:
-            for task in (reader, writer, closed, *self.decodes):
-                task.cancel()  # a client that left frees its stream at once, queued decodes included
-            await asyncio.gather(reader, writer, closed, *self.decodes, return_exceptions=True)
-
-    def _crash(self) -> None:
-        log.exception("session %s: internal error", self.session.id)
-        self.apply(refusal("internal", "internal server error (logged on the server); reconnect to start a "
-                                       "new stream", INTERNAL_ERROR))
-        self.crashed = True
-
-    async def _read(self) -> None:
-        try:
-            while True:  # until the connection closes; a closed session ignores late messages
-                while self.session.backlog_seconds > MAX_BACKLOG_SECONDS or self.outbox.full:
-                    if not self.warned_backlog and not self.outbox.full:
-                        self.warned_backlog = True
-                        self.apply([Send(warning_message(
-                            "audio_backlog", f"audio arrives faster than it is transcribed: over "
-                            f"{MAX_BACKLOG_SECONDS:g} s wait, so reading pauses until the server catches up "
-                            "(send at most real time for live captions)"))])
-                    self.progress.clear()
-                    await self.progress.wait()
-                try:
-                    message = await asyncio.wait_for(self.ws.recv(), self.idle_timeout)
-                except asyncio.TimeoutError:
-                    self.apply(self.session.timed_out(self.idle_timeout or 0))
-                    continue
-                before = self.session.audio_seconds
-                if isinstance(message, str):
-                    self.apply(self.session.receive_text(message))
-                else:
-                    self.apply(self.session.receive_bytes(message))
-                self.metrics.add_audio(self.session.audio_seconds - before)
-        except ConnectionClosed:
-            return
-        except Exception:
-            self._crash()
-
-    async def _write(self) -> None:
-        try:
-            while True:
-                action = await self.outbox.get()
-                if isinstance(action, Send):
-                    await self.ws.send(json.dumps(action.message, ensure_ascii=False))
-                    self.progress.set()  # a reader paused by a full outbox may go on
-                else:
-                    await self.ws.close(action.code, action.reason)
-                    return
-        except ConnectionClosed:
-            return
-
-    async def _decode(self, run: Run) -> None:
-        try:
-            result: Any = await self.scheduler.submit(run.request)
-        except Exception as exc:  # noqa: BLE001 - the session reports it to the client
-            result = exc
-        try:
-            self.apply(self.session.complete(run.request, result))
-        except Exception:
-            self._crash()
-        self.progress.set()
-
-
-async def _send_all(ws: ServerConnection, actions: list[Action]) -> None:
-    try:
-        for action in actions:
-            if isinstance(action, Send):
-                await ws.send(json.dumps(action.message))
-            elif isinstance(action, Close):
-                await ws.close(action.code, action.reason)
-    except ConnectionClosed:
-        pass
+        """Run the stream with the adapter of the wire protocol its path names (checked at the handshake)."""
+        await WEBSOCKET_ROUTES[urlsplit(ws.request.path).path](self, ws)
 
 
 def _respond(connection: ServerConnection, status: http.HTTPStatus, body: str, content_type: str) -> Response:
@@ -540,97 +346,3 @@ def _respond(connection: ServerConnection, status: http.HTTPStatus, body: str, c
 
 def _percent(share: float | None) -> str:
     return "not measured yet" if share is None else f"{100 * share:.0f}% of the workers' time"
-
-
-def _peer(ws: ServerConnection) -> str:
-    address = ws.remote_address
-    return f"{address[0]}:{address[1]}" if isinstance(address, tuple) else str(address)
-
-
-async def run_server(engine: Any, config: ServerConfig, stop: asyncio.Event | None = None,
-                     runner: Runner | None = None, wyoming_uri: str | None = None,
-                     wyoming_zeroconf: str | None = None) -> int:
-    """Serve until SIGTERM/SIGINT (or ``stop`` is set), then drain for ``config.drain_seconds``; returns 0.
-    ``wyoming_uri`` also serves the Wyoming protocol there (:mod:`streaming.wyoming`), ``wyoming_zeroconf``
-    announces it under that name (``""``: the default)."""
-    stop = stop or asyncio.Event()
-    loop = asyncio.get_running_loop()
-    signals = (signal.SIGTERM, signal.SIGINT)
-    for sig in signals:
-        loop.add_signal_handler(sig, stop.set)
-    try:
-        async with Server(engine, config, runner) as server, contextlib.AsyncExitStack() as services:
-            if wyoming_uri is not None:
-                from .wyoming import WyomingService
-
-                await services.enter_async_context(WyomingService(server, wyoming_uri, wyoming_zeroconf))
-            await stop.wait()
-            log.info("shutting down: draining %d open stream(s) (up to %g s)", server.active_streams,
-                     config.drain_seconds)
-            await server.drain(config.drain_seconds)
-    finally:
-        for sig in signals:
-            loop.remove_signal_handler(sig)
-    log.info("stopped")
-    return 0
-
-
-def serve_command(args: argparse.Namespace) -> int:
-    """``whisper-stream serve``: load the model once and run the server until a signal."""
-    import torch
-
-    from .engine import Engine, configure_threads
-    from .engine.weights import ModelLoadError
-
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if args.log_level.upper() != "DEBUG":
-        logging.getLogger("websockets").setLevel(logging.WARNING)
-    try:
-        config = ServerConfig(host=args.host, port=args.port, max_streams=args.max_streams,
-                              max_message_bytes=args.max_message_bytes, idle_timeout=args.idle_timeout,
-                              token=args.token, allow_origins=tuple(args.allow_origin or ()),
-                              drain_seconds=args.drain_seconds, max_batch=args.max_batch,
-                              max_wait_ms=args.max_wait_ms, workers=args.workers,
-                              max_utilization=args.max_utilization, heap_trim_seconds=args.heap_trim_seconds,
-                              shed_after_ms=args.shed_after_ms)
-        if args.wyoming_uri is not None:
-            from .wyoming import check_zeroconf, parse_uri
-
-            parse_uri(args.wyoming_uri)
-            if args.wyoming_zeroconf is not None:
-                check_zeroconf()
-        elif args.wyoming_zeroconf is not None:
-            raise ValueError("--wyoming-zeroconf announces the Wyoming service: add --wyoming-uri tcp://HOST:PORT")
-    except (ValueError, RuntimeError) as exc:
-        print(f"whisper-stream: {exc}", file=sys.stderr)
-        return 2
-    torch_threads = configure_threads(args.threads or max(1, min(os.cpu_count() or 1, 4) // config.workers))
-    try:
-        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    except RuntimeError:
-        print(f"whisper-stream: --device {args.device!r} is not a device; use cpu, cuda or cuda:N", file=sys.stderr)
-        return 2
-    if args.worker_processes and device.type != "cpu":
-        print("whisper-stream: --worker-processes runs on CPU only; drop it or --device", file=sys.stderr)
-        return 2
-    runner = None
-    try:
-        if args.worker_processes:
-            from .workers import ProcessRunner
-
-            runner = ProcessRunner(args.model, args.dtype, config.workers,
-                                   threads=torch_threads, heap_trim_seconds=config.heap_trim_seconds)
-            log.info("model loaded in %d inference processes (pids %s)", config.workers,
-                     " ".join(map(str, runner.pids)))
-            engine = runner.engine
-        else:
-            engine = Engine.load(args.model, device=args.device, dtype=args.dtype)
-    except (ModelLoadError, RuntimeError) as exc:
-        print(f"whisper-stream: {exc}", file=sys.stderr)
-        return 2
-    try:
-        return asyncio.run(run_server(engine, config, runner=runner, wyoming_uri=args.wyoming_uri,
-                                      wyoming_zeroconf=args.wyoming_zeroconf))
-    except OSError as exc:
-        print(f"whisper-stream: cannot listen: {exc}", file=sys.stderr)
-        return 2

@@ -29,7 +29,7 @@ from . import __version__
 from .core.audio import INTEGER_ENCODINGS
 from .core.languages import LANGUAGES
 from .core.session import NORMAL, Action, Close, Run, Send, Session
-from .server import MAX_BACKLOG_SECONDS, Server
+from .server import Server
 
 log = logging.getLogger(__name__)
 
@@ -265,7 +265,7 @@ class _Connection:
     async def _read(self) -> None:
         config = self.service.server.config
         while not self.closing.is_set():
-            while self.command is not None and self.command.session.backlog_seconds > MAX_BACKLOG_SECONDS:
+            while self.command is not None and self.command.session.backlogged()[0]:
                 self.progress.clear()
                 await self.progress.wait()  # TCP holds the client back until the decode catches up
             try:

@@ -9,7 +9,8 @@ import pytest
 
 from streaming.admission import Admission
 from streaming.core.session import Close, Send
-from streaming.server import LAG_MESSAGES, MAX_OUTBOX, RefusalLog, _Outbox
+from streaming.native import LAG_MESSAGES, MAX_OUTBOX, _Outbox
+from streaming.server import RefusalLog
 
 
 class Clock:

@@ -31,6 +31,8 @@ PROTOCOL_VERSION = 1
 PATH = "/v1/listen"
 DEFAULT_MAX_MESSAGE_BYTES = 1 << 20
 MAX_PROMPT_CHARS = 2000
+# Audio that may arrive during one decode before the adapter stops reading the client.
+MAX_BACKLOG_SECONDS = 10.0
 
 # WebSocket close codes (RFC 6455 section 7.4.1).
 NORMAL = 1000
@@ -86,6 +88,12 @@ def error_message(code: str, message: str) -> dict[str, Any]:
 def warning_message(code: str, message: str) -> dict:
     """A ``warning``: the stream goes on, but the client should change what it does."""
     return {"type": "warning", "code": code, "message": message}
+
+
+def lagging_warning(limit: int) -> dict:
+    """The ``client_lagging`` warning: the client reads too slowly, so older partials are dropped."""
+    return warning_message("client_lagging", f"more than {limit} messages wait for this client: older partials "
+                           "are dropped (finals never are); read messages as they arrive")
 
 
 def refusal(code: str, message: str, close_code: int) -> list[Action]:
@@ -152,6 +160,7 @@ class Session:
         self._samples_at_request = 0
         self._end: tuple[str, int] = ("stop", NORMAL)  # done reason and close code once ending
         self._audio_after_end_reported = False
+        self._warned_backlog = False
         self.stats = {"finals": 0, "partials": 0, "utterances": 0, "words": 0, "decodes": 0, "errors": 0}
 
     # --- adapter API ---------------------------------------------------------------------------------
@@ -172,8 +181,21 @@ class Session:
 
     @property
     def backlog_seconds(self) -> float:
-        """Audio received while the current decode runs; the adapter may stop reading while this is large."""
+        """Audio received while the current decode runs."""
         return (self._samples - self._samples_at_request) / SAMPLE_RATE if self._in_flight is not None else 0.0
+
+    def backlogged(self) -> tuple[bool, list[Action]]:
+        """Whether the adapter should stop reading the client's audio (TCP holds the client back) until a
+        decode completes, because over ``MAX_BACKLOG_SECONDS`` arrived during the current one; the first
+        time, with an ``audio_backlog`` warning to send."""
+        if self.backlog_seconds <= MAX_BACKLOG_SECONDS:
+            return False, []
+        if self._warned_backlog:
+            return True, []
+        self._warned_backlog = True
+        return True, [Send(warning_message(
+            "audio_backlog", f"audio arrives faster than it is transcribed: over {MAX_BACKLOG_SECONDS:g} s wait, "
+            "so reading pauses until the server catches up (send at most real time for live captions)"))]
 
     def open(self) -> list[Action]:
         """The greeting sent as soon as the connection is accepted."""

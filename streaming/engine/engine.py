@@ -12,7 +12,7 @@ from torch import Tensor
 from .mel import N_FRAMES, log_mel_spectrogram
 from .model import Whisper
 from .tokenizer import Tokenizer, load_tokenizer
-from .weights import load_model
+from .weights import choose_device, load_model
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -50,12 +50,12 @@ class Engine:
     def load(cls, name_or_path: str = "tiny.en", device: str | None = None, dtype: str | None = None) -> Engine:
         """``dtype``: float32, bfloat16 or float16 (default: float32 on CPU, float16 on CUDA); ``auto`` is
         the default on CUDA and :func:`fast_cpu_dtype` on CPU."""
+        chosen = choose_device(device)
         if dtype == "auto":
-            on_cuda = device.startswith("cuda") if device else torch.cuda.is_available()
-            dtype = None if on_cuda else fast_cpu_dtype()
+            dtype = None if chosen.type == "cuda" else fast_cpu_dtype()
         if dtype is not None and dtype not in DTYPES:
             raise ValueError(f"dtype {dtype!r} is not supported; use one of {', '.join(DTYPES)}")
-        loaded = load_model(name_or_path, device=device, dtype=DTYPES[dtype] if dtype else None)
+        loaded = load_model(name_or_path, device=chosen, dtype=DTYPES[dtype] if dtype else None)
         tokenizer = load_tokenizer(loaded.vocab_source, multilingual=loaded.model.is_multilingual)
         return cls(loaded.model, tokenizer, loaded.name)
 

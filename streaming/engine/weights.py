@@ -42,19 +42,26 @@ class LoadedModel:
     name: str
 
 
+def choose_device(device: str | torch.device | None = None) -> torch.device:
+    """The device to run on: ``device`` when it is valid here, else CUDA when this torch sees a GPU, else the
+    CPU. The one place that decides it."""
+    try:
+        chosen = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError as exc:
+        raise ModelLoadError(f"--device {device!r} is not a device ({exc}); use cpu, cuda or cuda:N") from None
+    if chosen.type == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError("device cuda was asked for, but this torch build sees no CUDA GPU; use --device cpu "
+                             "(or install a CUDA build of torch on a machine with an NVIDIA GPU)")
+    return chosen
+
+
 def load_model(name_or_path: str | os.PathLike, device: str | torch.device | None = None,
                dtype: torch.dtype | None = None) -> LoadedModel:
     """Load a named model (``tiny.en``, ``base``) or a local CTranslate2/OpenAI/Hugging Face model.
 
-    Float32 on CPU and float16 on CUDA unless ``dtype`` says otherwise.
+    On :func:`choose_device`'s device; float32 on CPU and float16 on CUDA unless ``dtype`` says otherwise.
     """
-    try:
-        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    except RuntimeError as exc:
-        raise ModelLoadError(f"device {device!r} is not valid ({exc}); use cpu or cuda") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ModelLoadError("device cuda was asked for, but this torch build sees no CUDA GPU; use --device cpu "
-                             "(or install a CUDA build of torch on a machine with an NVIDIA GPU)")
+    device = choose_device(device)
     dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
     spec = str(name_or_path)
     if spec in NAMED_MODELS:
