@@ -131,7 +131,7 @@ def transcribe(engine: Engine, audio: np.ndarray, options: TranscribeOptions = T
                                     result.temperature))
         if options.word_timestamps:
             _add_words(engine, tokenizer, features, [s for s in segments if s.start >= offset], window, offset)
-        history += [t for t in result.tokens if t < tokenizer.eot]
+        history += result.tokens  # with its timestamps, as Whisper conditions on (text alone: no timestamps next)
         if result.temperature > 0.5:  # do not condition the next window on a high-temperature guess
             history = []
         advance(window, opts.prompt, result, consumed)
