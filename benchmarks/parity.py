@@ -42,9 +42,9 @@ from streaming.weights import _PART_PACKAGES, NAMED_MODELS
 
 NEAR_TIE = 0.5  # nats: two candidates closer than this in both engines are a near tie that float noise can flip
 CAUSES = {
-    "prompt_timestamps": "prompt differs: ours leaves out the timestamp tokens of the previous text",
-    "prompt_extra_text": "prompt differs: ours holds previous text that faster-whisper's does not (a window's "
-                         "unfinished last segment, decoded again in the next window)",
+    "prompt_open_segment": "prompt differs: ours holds a window's unfinished last segment (its opening timestamp, "
+                           "and any text), which the next window decodes again; Whisper leaves it out",
+    "prompt_timestamps": "prompt differs in timestamp tokens only (e.g. ours without any)",
     "prompt_text": "prompt differs: earlier windows decoded different text",
     "prompt_reset": "prompt differs: one engine reset it (temperature > 0.5)",
     "skip_silence": "ours skipped a window of digital silence that faster-whisper decoded",
@@ -344,15 +344,15 @@ class Comparer:
     def explain_prompt(self, ours: list[int], theirs: list[int]) -> tuple[str, str]:
         tb = self.tok.timestamp_begin
         text_o, text_f = [t for t in ours if t < tb], [t for t in theirs if t < tb]
-        detail = (f"ours ...{self.tok.decode(text_o[-12:])!r} ({len(ours)} tokens), "
-                  f"fw ...{self.tok.decode(text_f[-12:])!r} ({len(theirs)} tokens)")
+        detail = (f"ours ...{self.tok.decode_with_timestamps(ours[-14:])!r} ({len(ours)} tokens), "
+                  f"fw ...{self.tok.decode_with_timestamps(theirs[-14:])!r} ({len(theirs)} tokens)")
         if not ours or not theirs:
             return "prompt_reset", detail
+        it = iter(ours)
+        if all(t in it for t in theirs[len(theirs) // 2:]):
+            return "prompt_open_segment", detail  # faster-whisper's recent prompt is a subsequence of ours
         if text_o == text_f:
             return "prompt_timestamps", detail
-        it = iter(text_o)
-        if all(t in it for t in text_f[len(text_f) // 2:]):  # fw's recent text is a subsequence of ours
-            return "prompt_extra_text", detail
         return "prompt_text", detail
 
     def explain_fallback(self, our: Window, fw: Window) -> tuple[str, str]:
