@@ -55,7 +55,9 @@ CAUSES = {
     "sampling": "both sampled at temperature > 0 (random)",
     "ct2_rules": "faster-whisper's token is not what its logits give under the reference logit rules",
     "timestamp_rule_tie": "the rule 'timestamp mass > best text token forces a timestamp' flips on a near tie",
-    "mel": "the choice flips with faster-whisper's mel (front end / padding of a short window)",
+    "mel_padding": "the choice flips with faster-whisper's mel: a short (last) window, which ours pads with the "
+                   "log-mel floor (the silence after the audio) and faster-whisper, as openai/whisper, with zeros",
+    "mel": "the choice flips with faster-whisper's mel (front-end float differences in a full window)",
     "encoder_numerics": "the choice flips with faster-whisper's encoder output (float differences)",
     "near_tie": "decoder float differences flip a near tie",
     "logprob_gap": "the engines' log-probabilities disagree by more than a near tie",
@@ -397,7 +399,8 @@ class Comparer:
             return "beam_search", (f"{detail}; scores (ours, ct2 logits) of our hypothesis {scores[0][0]:.4f}, "
                                    f"{scores[0][1]:.4f}, of fw's {scores[1][0]:.4f}, {scores[1][1]:.4f}")
         if int(lp_m.argmax()) == best_f:
-            return "mel", f"{detail}; with fw's mel ours gives {name(self.tok, best_f)}"
+            return ("mel_padding" if fw.frames < N_FRAMES else "mel"), (
+                f"{detail}; with fw's mel ours gives {name(self.tok, best_f)} (window of {fw.frames} frames)")
         if int(lp_e.argmax()) == best_f:
             return "encoder_numerics", f"{detail}; with fw's encoder output ours gives {name(self.tok, best_f)}"
         if forced_o != forced_f:

@@ -17,8 +17,9 @@ BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 EXPLAINED = {
     # Our short last window is padded with the spectrogram's floor (the silence after the audio, as Whisper was
     # trained); faster-whisper, like openai/whisper's transcribe, pads the normalised mel with zeros.
-    "mel": "short-window padding",
+    "mel_padding": "short-window padding",
     # Float differences between two correct float32 implementations.
+    "mel": "front-end float noise",
     "encoder_numerics": "encoder float noise",
     "near_tie": "decoder float noise",
     "timestamp_rule_tie": "float noise at the timestamp-mass rule",
