@@ -88,6 +88,8 @@ class Window:
 
 @dataclass
 class Divergence:
+    """The first divergence of faster-whisper's window ``window`` (starting at ``seek``) from ours."""
+
     window: int
     seek: int
     cause: str
@@ -96,6 +98,10 @@ class Divergence:
 
 @dataclass
 class Report:
+    """One excerpt's comparison: the log-mel's max abs difference (all frames, and less the last two, where the
+    engines pad the audio differently), the first window's encoder output (max abs and relative difference, over
+    faster-whisper's mel and over each engine's own), window counts, divergences and both engines' windows."""
+
     stream: str
     start: float
     seconds: float
