@@ -127,8 +127,9 @@ def test_windows_prompts_and_offsets(random_engine, scripted) -> None:
     out = transcribe(random_engine, noise(100), TranscribeOptions(initial_prompt="Zulu"),
                      lambda done, total: calls.append((done, total)))
     zulu = tuple(tok.encode(" Zulu"))
-    # the window decoded at a high temperature is not fed to the next one as a prompt
-    assert prompts == [zulu, zulu + tuple(words[0]), (), tuple(words[2])]
+    # the previous text comes with its timestamps; the window decoded at a high temperature is not fed to the next
+    # one as a prompt
+    assert prompts == [zulu, (*zulu, TB, *words[0], TB + 1000), (), (TB, *words[2], TB + 1000)]
     assert [(s.text, s.start, s.end, s.temperature) for s in out.segments] == [
         (" alpha", 0.0, 20.0, 0.0), (" bravo", 30.0, 50.0, 0.8), (" charlie", 60.0, 80.0, 0.0),
         (" delta", 90.0, 100.0, 0.0)]  # the last window is 10 s long: its end is clipped

@@ -10,7 +10,7 @@ import numpy as np
 from ..core.messages import WordTiming
 from ..core.vad import SpeechAudio, VadConfig, VoiceActivityDetector
 from .alignment import find_alignment
-from .decoding import DecodingOptions, FallbackPolicy, decode_with_fallback, detect_language, prefill
+from .decoding import DecodingOptions, DecodingResult, FallbackPolicy, decode_with_fallback, detect_language, prefill
 from .engine import Engine
 from .mel import FRAMES_PER_SECOND, HOP_LENGTH, N_FRAMES, N_SAMPLES, SAMPLE_RATE
 
@@ -48,6 +48,20 @@ class TranscribeOptions:
     policy: FallbackPolicy = FallbackPolicy()
 
 
+@dataclass(frozen=True)
+class WindowTrace:
+    """One window of :func:`transcribe` (for parity checks): its start and length in mel frames, the prompt it
+    was given, its decode (None when digital silence skipped it), why it was skipped if it was ("silence" or
+    "no_speech") and how many frames it consumed."""
+
+    seek: int
+    frames: int
+    prompt: tuple[int, ...]
+    result: DecodingResult | None
+    consumed: int
+    skipped: str | None = None
+
+
 @dataclass
 class Transcript:
     language: str
@@ -60,8 +74,10 @@ class Transcript:
 
 
 def transcribe(engine: Engine, audio: np.ndarray, options: TranscribeOptions = TranscribeOptions(),
-               progress: Callable[[float, float], None] | None = None) -> Transcript:
-    """Transcribe 16 kHz mono float audio. ``progress(done_seconds, total_seconds)`` is called per window."""
+               progress: Callable[[float, float], None] | None = None,
+               trace: Callable[[WindowTrace], None] | None = None) -> Transcript:
+    """Transcribe 16 kHz mono float audio. ``progress(done_seconds, total_seconds)`` is called per window, and
+    ``trace`` with each window's :class:`WindowTrace`."""
     duration = len(audio) / SAMPLE_RATE
     mel = engine.mel(audio, padding=N_SAMPLES)
     content_frames = mel.shape[-1] - N_FRAMES
@@ -78,7 +94,12 @@ def transcribe(engine: Engine, audio: np.ndarray, options: TranscribeOptions = T
     segments: list[Segment] = []
     seek = 0
 
-    def report() -> None:
+    def advance(window: int, prompt: tuple[int, ...], result: DecodingResult | None, consumed: int,
+                skipped: str | None = None) -> None:
+        nonlocal seek
+        if trace:
+            trace(WindowTrace(seek, window, prompt, result, consumed, skipped))
+        seek += consumed
         if progress:
             progress(min(seek / FRAMES_PER_SECOND, duration), duration)
 
@@ -87,16 +108,14 @@ def transcribe(engine: Engine, audio: np.ndarray, options: TranscribeOptions = T
         offset = seek / FRAMES_PER_SECOND
         chunk = audio[seek * HOP_LENGTH: (seek + window) * HOP_LENGTH]
         if len(chunk) == 0 or float(abs(chunk).max()) < SILENCE_PEAK:  # Whisper hallucinates on silence
-            seek += window
-            report()
+            advance(window, (), None, window, "silence")
             continue
         features = engine.encode(mel[:, seek: seek + N_FRAMES])
         opts = replace(base, prompt=tuple(history) if options.condition_on_previous_text else ())
         start = prefill(engine.model, tokenizer, features, opts)
         result = decode_with_fallback(engine.model, tokenizer, features, opts, options.policy, start)
         if options.policy.is_silence(result):
-            seek += window
-            report()
+            advance(window, opts.prompt, result, window, "no_speech")
             continue
         new_segments, consumed = _split_segments(
             result.tokens, tokenizer.timestamp_begin, window,
@@ -113,11 +132,10 @@ def transcribe(engine: Engine, audio: np.ndarray, options: TranscribeOptions = T
                                     result.temperature))
         if options.word_timestamps:
             _add_words(engine, tokenizer, features, [s for s in segments if s.start >= offset], window, offset)
-        seek += consumed
-        history += [t for t in result.tokens if t < tokenizer.eot]
+        history += result.tokens  # with its timestamps, as Whisper conditions on (text alone: no timestamps next)
         if result.temperature > 0.5:  # do not condition the next window on a high-temperature guess
             history = []
-        report()
+        advance(window, opts.prompt, result, consumed)
     return Transcript(language, segments, duration)
 
 
