@@ -28,12 +28,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import re
 import shlex
-import signal
 import statistics
-import subprocess
-import sys
 import time
 import urllib.request
 from collections.abc import AsyncIterator
@@ -47,6 +43,7 @@ from streaming.client import ClientError, pcm_chunks, stream_audio
 from streaming.core.stream import StreamCore, StreamOptions
 from streaming.engine import Engine, configure_threads
 from streaming.engine.inference import WindowRequest, run_window, run_windows
+from streaming.testing import ServerProcess
 
 SR = 16000
 CHUNK = 320  # 20 ms, as a live client sends
@@ -101,42 +98,26 @@ def word_latencies(score, reference: dict, events: list[dict]) -> list[tuple[flo
 # ------------------------------------------------------------------------------------------- the server
 
 
-class ServerProcess:
-    """``whisper-stream serve`` on a free port in a child process; its log goes to ``log``."""
+def serve_args(model: str, threads: int | None, workers: int | None, max_batch: int, max_utilization: float,
+               dtype: str | None, extra: tuple[str, ...] = ()) -> list[str]:
+    """``serve`` flags for a load run: no stream limit below the load, the batching and admission asked for."""
+    args = ["--model", model, "--max-streams", "64", "--max-batch", str(max_batch),
+            "--max-utilization", str(max_utilization)]
+    args += ["--workers", str(workers)] if workers else []
+    args += ["--dtype", dtype] if dtype else []
+    args += ["--threads", str(threads)] if threads else []
+    return args + list(extra)
 
-    def __init__(self, model: str, threads: int | None, workers: int | None, max_batch: int, max_utilization: float,
-                 dtype: str | None, log: Path, extra: tuple[str, ...] = ()):
-        command = [sys.executable, "-m", "streaming.cli", "serve", "--port", "0", "--model", model,
-                   "--max-streams", "64", "--max-batch", str(max_batch), "--max-utilization", str(max_utilization)]
-        command += ["--workers", str(workers)] if workers else []
-        command += ["--dtype", dtype] if dtype else []
-        command += ["--threads", str(threads)] if threads else []
-        command += list(extra)
-        log.parent.mkdir(parents=True, exist_ok=True)
-        self.log = log
-        with open(log, "w") as sink:
-            self.process = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, cwd=ROOT)
-        deadline = time.monotonic() + 120
-        while not (match := re.search(r"listening on ws://[^:]+:(\d+)/", log.read_text())):
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                self.process.kill()
-                sys.exit(f"the server process did not start; its log:\n{log.read_text()}")
-            time.sleep(0.1)
-        self.port = int(match.group(1))
 
-    def cpu_seconds(self) -> float:
-        """User + system CPU time of the server process and its children (the inference processes)."""
-        pid = self.process.pid
-        return cpu_seconds(pid) + sum(cpu_seconds(child) for child in child_pids(pid))
+def server_cpu_seconds(server: ServerProcess) -> float:
+    """User + system CPU time of the server process and its children (the inference processes)."""
+    return cpu_seconds(server.pid) + sum(cpu_seconds(child) for child in child_pids(server.pid))
 
-    def metrics(self) -> dict[str, float]:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=10) as response:
-            lines = response.read().decode().splitlines()
-        return {name: float(value) for name, value in (line.split() for line in lines if not line.startswith("#"))}
 
-    def stop(self) -> None:
-        self.process.send_signal(signal.SIGTERM)
-        self.process.wait(30)
+def server_metrics(server: ServerProcess) -> dict[str, float]:
+    with urllib.request.urlopen(f"{server.http_url}/metrics", timeout=10) as response:
+        lines = response.read().decode().splitlines()
+    return {name: float(value) for name, value in (line.split() for line in lines if not line.startswith("#"))}
 
 
 # ------------------------------------------------------------------------------------------- the clients
@@ -178,11 +159,11 @@ def load_run(server: ServerProcess, n: int, seconds: float, out: Path, options: 
     """N streams at once against ``server``; the pooled scores and the server's share of the work. The
     event logs go to ``out``/client-I.jsonl."""
     excerpts = [excerpt(*source(i), seconds) for i in range(n)]
-    before, cpu = server.metrics(), server.cpu_seconds()
+    before, cpu = server_metrics(server), server_cpu_seconds(server)
     started = time.perf_counter()
-    logs = asyncio.run(run_clients(f"ws://127.0.0.1:{server.port}/v1/listen", excerpts, options))
+    logs = asyncio.run(run_clients(server.url, excerpts, options))
     wall = time.perf_counter() - started
-    cpu, after = server.cpu_seconds() - cpu, server.metrics()
+    cpu, after = server_cpu_seconds(server) - cpu, server_metrics(server)
     delta = {k: after[k] - before.get(k, 0.0) for k in after}
     score = scorer()
     errors = words = 0
@@ -305,8 +286,9 @@ def main() -> None:
           f"{'inner':>5} {'cpu s/audio s':>13} {'infer s/audio s':>15} "
           f"{'mean batch':>10} {'queue ms':>8} {'decodes':>7} {'wall s':>6} {'ms/heap trim':>12}")
     for max_batch in args.max_batch:
-        server = ServerProcess(args.model, args.threads, args.workers, max_batch, args.max_utilization, args.dtype,
-                               Path(args.out) / f"server-batch{max_batch}.log", tuple(shlex.split(args.server_args)))
+        server = ServerProcess(serve_args(args.model, args.threads, args.workers, max_batch, args.max_utilization,
+                                          args.dtype, tuple(shlex.split(args.server_args))),
+                               Path(args.out) / f"server-batch{max_batch}.log", cwd=ROOT)
         try:
             for n in args.streams:
                 r = load_run(server, n, args.seconds, Path(args.out) / f"streams{n}-batch{max_batch}",

@@ -32,11 +32,8 @@ import os
 import random
 import re
 import shlex
-import signal
 import statistics
-import subprocess
 import sys
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -48,6 +45,8 @@ from typing import Any
 from evalkit import child_pids
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
+
+from streaming.testing import ServerProcess
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_EVAL = Path(os.environ.get("WHISPER_STREAM_EVAL", ROOT.parent / "shared" / "eval"))
@@ -114,40 +113,18 @@ def _rss_kb(pid: int) -> int:
         return 0
 
 
-class ServerProcess:
-    """``whisper-stream serve`` on a free port; its stderr goes to a log file."""
+class SoakServer(ServerProcess):
+    """The server under soak: its memory, descriptors and threads, its health, and what its log reports."""
 
-    def __init__(self, model: str, extra: tuple[str, ...], log_path: Path):
-        command = [sys.executable, "-m", "streaming.cli", "serve", "--port", "0", "--threads", "1",
-                   "--model", model, "--max-streams", "64", "--log-level", "info", *extra]
-        self.process = subprocess.Popen(command, cwd=ROOT, stderr=subprocess.PIPE, text=True,
-                                        env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        self.pid = self.process.pid
-        self.log_path = log_path
-        self.logged = {"warning": 0, "error": 0, "traceback": 0}
-        self._log = log_path.open("w", encoding="utf-8", buffering=1)
-        lines = []
-        for line in self.process.stderr:
-            lines.append(line)
-            self._log.write(line)
-            if found := re.search(r"listening on ws://[^:]+:(\d+)", line):
-                self.port = int(found.group(1))
-                break
-        else:
-            self._log.close()
-            raise RuntimeError("the server did not start:\n" + "".join(lines))
-        self._reader = threading.Thread(target=self._drain, daemon=True)
-        self._reader.start()
+    def __init__(self, model: str, extra: tuple[str, ...], log: Path):
+        super().__init__(["--threads", "1", "--model", model, "--max-streams", "64", "--log-level", "info", *extra],
+                         log, cwd=ROOT)
 
-    @property
-    def url(self) -> str:
-        return f"ws://127.0.0.1:{self.port}/v1/listen"
-
-    def _drain(self) -> None:
-        for line in self.process.stderr:
-            self._log.write(line)
-            for kind, needle in (("warning", " WARNING "), ("error", " ERROR "), ("traceback", "Traceback")):
-                self.logged[kind] += needle in line
+    def logged(self) -> dict[str, int]:
+        """Warning, error and traceback lines in the server's log so far."""
+        lines = self.log_text().splitlines()
+        return {kind: sum(needle in line for line in lines)
+                for kind, needle in (("warning", " WARNING "), ("error", " ERROR "), ("traceback", "Traceback"))}
 
     def sample(self) -> dict[str, float]:
         """RSS (MB) of the server process and its children (the inference processes of
@@ -159,22 +136,10 @@ class ServerProcess:
 
     def health(self) -> dict[str, Any]:
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/healthz", timeout=10) as response:
+            with urllib.request.urlopen(f"{self.http_url}/healthz", timeout=10) as response:
                 return json.loads(response.read())
         except urllib.error.HTTPError as exc:  # 503: full
             return json.loads(exc.read())
-
-    def stop(self) -> int:
-        """SIGTERM (the server drains), then the exit code."""
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            code = self.process.wait(60)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            code = self.process.wait()
-        self._reader.join(10)
-        self._log.close()
-        return code
 
 
 # --- the clients ------------------------------------------------------------------------------------
@@ -327,7 +292,7 @@ class SoakRun:
         self.started = time.monotonic()
         self.config.out.mkdir(parents=True, exist_ok=True)
         self.stamp = time.strftime("%Y%m%d-%H%M%S")
-        self.server = ServerProcess(config.model, config.server_args, config.out / f"server-{self.stamp}.log")
+        self.server = SoakServer(config.model, config.server_args, config.out / f"server-{self.stamp}.log")
         self._mark = (0, 0)  # latencies and finals counted at the previous sample
 
     def sample(self, phase: str) -> dict[str, Any]:
@@ -413,7 +378,7 @@ class SoakRun:
             "start": pick(start), "baseline": pick(baseline), "middle": pick(middle), "end": pick(end),
             "idle_rss_mb": [s["rss_mb"] for s in idle], "rss_growth_middle_to_end_mb": growth,
             "rss_slope_mb_per_hour": slope, "rss_slope_span_seconds": round(span),
-            "server_log": {**self.server.logged, "path": str(self.server.log_path)},
+            "server_log": {**self.server.logged(), "path": str(self.server.log)},
             "verdict": "flat" if not verdict else "NOT flat: " + "; ".join(verdict),
         }
 

@@ -23,7 +23,6 @@ import asyncio
 import importlib.resources
 import json
 import os
-import re
 import shlex
 import socket
 import statistics
@@ -36,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 from evalkit import ROOT, load_stream, machine, scorer
-from load import ServerProcess
+from load import serve_args
 from websockets.asyncio.client import connect
 from wyoming.asr import Transcribe, Transcript
 from wyoming.audio import AudioChunk, AudioStart, AudioStop
@@ -44,6 +43,7 @@ from wyoming.client import AsyncTcpClient
 from wyoming.info import Describe
 
 from streaming.engine.weights import NAMED_MODELS
+from streaming.testing import ServerProcess
 
 SR = 16000
 MIN_SECONDS, MAX_SECONDS = 1.5, 6.0
@@ -156,13 +156,6 @@ def start_faster_whisper(compute_type: str, beam_size: int, threads: int, out: P
     return process, port
 
 
-def wyoming_port(server: ServerProcess) -> int:
-    found = re.search(r"Wyoming speech-to-text on tcp://[^:]+:(\d+)", server.log.read_text())
-    if found is None:
-        sys.exit(f"our server did not start its Wyoming service; its log:\n{server.log.read_text()}")
-    return int(found.group(1))
-
-
 def summary(name: str, rows: list[dict]) -> str:
     score = scorer()
     latencies = [r["latency"] for r in rows]
@@ -208,8 +201,8 @@ def main() -> None:
     try:
         if {"wyoming", "websocket"} & set(systems):
             extra = ("--wyoming-uri", "tcp://127.0.0.1:0", *shlex.split(args.server_args))
-            ours = ServerProcess("tiny.en", None, None, 8, 0.0, None, out / "server.log", extra)
-            our_wyoming = wyoming_port(ours)
+            ours = ServerProcess(serve_args("tiny.en", None, None, 8, 0.0, None, extra), out / "server.log", cwd=ROOT)
+            our_wyoming = ours.address["wyoming_port"]
             runners["wyoming"] = lambda pcm: over_wyoming(our_wyoming, pcm)
             runners["websocket"] = lambda pcm: over_websocket(ours.port, pcm)
         if "faster-whisper" in systems:

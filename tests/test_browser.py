@@ -17,7 +17,8 @@ from typing import Any
 
 import numpy as np
 import pytest
-from test_clients import DONE, FINALS, SCRIPT, STARTED, TEXT, Close, FakeServer, serve_in_thread, words_of, write_wav
+from conftest import serve_in_thread
+from fake_server import DONE, FINALS, SCRIPT, STARTED, TEXT, Close, FakeServer, words_of, write_wav
 
 from streaming.engine import Engine
 from streaming.server import Server, ServerConfig

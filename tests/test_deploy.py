@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 import yaml
-from test_nginx import NGINX_TEMPLATE, PLACEHOLDER, find_nginx, nginx_command, render_nginx_conf
+from nginx_helpers import NGINX_TEMPLATE, PLACEHOLDER, find_nginx, nginx_command, render_nginx_conf
 
 from streaming.cli import build_parser
 from streaming.metrics import Metrics

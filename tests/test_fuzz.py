@@ -28,7 +28,6 @@ import urllib.request
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +37,7 @@ import torch
 from conftest import serve_in_thread
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from signals import vowel
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
@@ -222,14 +222,6 @@ class Checker:
 
 
 # --- inputs ------------------------------------------------------------------------------------------
-
-
-@lru_cache(maxsize=256)
-def voice(tenths: int, rate: int = RATE) -> np.ndarray:
-    """``tenths`` / 10 s of a syllable-modulated harmonic tone that the VAD takes for speech."""
-    t = np.arange(round(tenths * rate / 10)) / rate
-    signal = sum(np.sin(2 * np.pi * 150 * k * t) / k for k in range(1, 16)) * (0.6 + 0.4 * np.sin(8 * np.pi * t))
-    return (0.1 * signal / max(float(np.sqrt(np.mean(signal**2))), 1e-9)).astype(np.float32)
 
 
 def encode(audio: np.ndarray, encoding: str, channels: int) -> bytes:
@@ -543,7 +535,7 @@ def run_operation(h: Harness, op: tuple) -> None:
         h.binary(filled(resolve(op[1], h.limit), op[2]))
     elif kind in ("speech", "silence"):
         rate, encoding, channels = h.fmt
-        audio = voice(op[1], rate) if kind == "speech" else np.zeros(round(op[1] * rate / 10), np.float32)
+        audio = vowel(op[1] / 10, rate=rate) if kind == "speech" else np.zeros(round(op[1] * rate / 10), np.float32)
         step = max(1, round((op[2] if kind == "speech" else 2) * rate / 10))
         step = min(step, h.limit // ((4 if encoding == "pcm_f32le" else 2) * channels))
         for at in range(0, min(len(audio), 60 * step), step):  # at most 60 messages (192 kHz x 8 channels)
@@ -607,7 +599,7 @@ def test_a_short_utterance_on_a_multilingual_model_reports_its_language_before_i
     sent: list[dict] = []
     options = {"type": "start", "vad": {"hangover_ms": 300, "endpoint_ms": 300}, "min_chunk": 0.8, "agreement": 2}
     actions = session.receive_text(json.dumps(options))
-    pcm = encode(np.concatenate([voice(6), np.zeros(RATE * 3 // 10, np.float32), voice(2)]), "pcm_s16le", 1)
+    pcm = encode(np.concatenate([vowel(0.6), np.zeros(RATE * 3 // 10, np.float32), vowel(0.2)]), "pcm_s16le", 1)
     actions += [a for at in range(0, len(pcm), 1600) for a in session.receive_bytes(pcm[at:at + 1600])]
     actions += session.receive_text('{"type": "stop"}')
     while actions:
@@ -685,7 +677,7 @@ async def healthy_stream(url: str) -> dict:
     async with asyncio.timeout(30), connect(url) as ws:
         async with asyncio.timeout(5):
             assert json.loads(await ws.recv())["type"] == "ready"
-        pcm = encode(np.concatenate([voice(10), np.zeros(RATE // 2, np.float32)]), "pcm_s16le", 1)
+        pcm = encode(np.concatenate([vowel(1.0), np.zeros(RATE // 2, np.float32)]), "pcm_s16le", 1)
         for at in range(0, len(pcm), 3200):
             await ws.send(pcm[at:at + 3200])
         await ws.send('{"type": "stop"}')
@@ -764,7 +756,7 @@ def wire(frame: tuple) -> list[str | bytes | list[bytes]]:
     if kind == "fill":
         return [filled(resolve(frame[1], LIMIT), frame[2])]
     if kind == "speech":
-        pcm = encode(voice(frame[1]), "pcm_s16le", 1)
+        pcm = encode(vowel(frame[1] / 10), "pcm_s16le", 1)
         return [pcm[at:at + LIMIT] for at in range(0, len(pcm), LIMIT)]
     if kind == "fragments":
         return [list(frame[1])]
@@ -909,7 +901,7 @@ def test_a_flood_of_small_messages_leaves_another_stream_responsive(tiny_engine:
             status, _ = await asyncio.to_thread(healthz, port)
             health = time.monotonic() - began
             assert status == 200
-            pcm = encode(np.concatenate([voice(10), np.zeros(RATE // 2, np.float32)]), "pcm_s16le", 1)
+            pcm = encode(np.concatenate([vowel(1.0), np.zeros(RATE // 2, np.float32)]), "pcm_s16le", 1)
             await ws.send(pcm[:3200])
             assert json.loads(await ws.recv())["type"] == "started"
             started = time.monotonic() - began

@@ -14,7 +14,6 @@ import contextlib
 import json
 import os
 import re
-import shutil
 import signal
 import socket
 import subprocess
@@ -32,15 +31,12 @@ from typing import Any
 import numpy as np
 import pytest
 from conftest import scorer
+from nginx_helpers import REPLICAS, find_nginx, nginx_command, render_nginx_conf
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-NGINX_TEMPLATE = REPO_ROOT / "deploy" / "nginx.conf"
-NGINX_CANDIDATES = ("/usr/sbin/nginx", "/usr/local/sbin/nginx")
-PLACEHOLDER = re.compile(r"\$\{([A-Z0-9_]+)\}")
 SAMPLE_RATE = 16000
-REPLICAS = 3
 DRAIN_SECONDS = 20
 SPEED = 1.0  # audio seconds sent per wall-clock second: faster streams look like more streams to admission control
 CHUNK_SECONDS = 0.1
@@ -53,31 +49,6 @@ RETRY_SECONDS = 1.0  # a client told to retry later (503, or close 1013) waits t
 RETRY_FOR = 90.0  # and gives up after this long
 MAX_WER = 0.3  # normal streams, against the clips' references (tiny.en streams these at 3 to 9 %)
 MIN_RECALL = 0.6  # drained streams: reference words of the audio the replica received that were recognised
-
-
-def find_nginx() -> str:
-    """The nginx binary; skips the test without one, or fails it in CI."""
-    found = shutil.which("nginx") or next((p for p in NGINX_CANDIDATES if os.access(p, os.X_OK)), None)
-    if found is None:
-        reason = "the nginx tests need nginx (apt-get install nginx)"
-        if os.environ.get("CI") == "true":
-            pytest.fail(reason)
-        pytest.skip(reason)
-    return found
-
-
-def render_nginx_conf(listen_port: int, replicas: list[str], run_dir: Path) -> str:
-    """deploy/nginx.conf with its placeholders filled in, as envsubst would (every placeholder must be known)."""
-    if len(replicas) != REPLICAS:
-        raise ValueError(f"the template has {REPLICAS} replica slots, got {len(replicas)} addresses")
-    values = {"LISTEN_PORT": str(listen_port), "NGINX_RUN_DIR": str(run_dir),
-              **{f"REPLICA_{i}": address for i, address in enumerate(replicas, 1)}}
-    return PLACEHOLDER.sub(lambda m: values[m.group(1)], NGINX_TEMPLATE.read_text(encoding="utf-8"))
-
-
-def nginx_command(nginx: str, run_dir: Path, *extra: str) -> list[str]:
-    """nginx with prefix, config and startup error log all in ``run_dir``, in the foreground."""
-    return [nginx, "-p", str(run_dir), "-c", str(run_dir / "nginx.conf"), "-e", "stderr", "-g", "daemon off;", *extra]
 
 
 def free_port() -> int:
@@ -220,20 +191,20 @@ def start_replica(run_dir: Path, index: int) -> Replica:
     with log.open("wb") as out:
         process = subprocess.Popen(
             [sys.executable, "-m", "streaming.cli", "serve", "--host", "127.0.0.1", "--port", "0",
-             "--model", "tiny.en", "--threads", "1", "--drain-seconds", str(DRAIN_SECONDS), "--log-level", "info"],
+             "--port-file", str(log.with_suffix(".port")), "--model", "tiny.en", "--threads", "1",
+             "--drain-seconds", str(DRAIN_SECONDS), "--log-level", "info"],
             cwd=REPO_ROOT, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     return Replica(process, log)
 
 
 def wait_alive(replica: Replica, timeout: float = 180.0) -> None:
-    """Wait for the replica's listening log line and a 200 from its /livez."""
+    """Wait for the replica's port file and a 200 from its /livez."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if replica.process.poll() is not None:
             pytest.fail(f"replica exited with {replica.process.returncode}:\n{replica.log.read_text()[-3000:]}")
-        if not replica.port:
-            found = re.search(r"listening on ws://127\.0\.0\.1:(\d+)/", replica.log.read_text(errors="replace"))
-            replica.port = int(found.group(1)) if found else 0
+        if not replica.port and (port_file := replica.log.with_suffix(".port")).exists():
+            replica.port = json.loads(port_file.read_text())["port"]
         if replica.port:
             with contextlib.suppress(OSError):
                 if http_get(replica.port, "/livez")[0] == 200:

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from signals import vowel
 
 from streaming.core.session import (
     GOING_AWAY,
@@ -39,14 +40,6 @@ def doc_examples() -> dict[str, dict]:
     """The labelled JSON examples of docs/protocol.md (``<!-- example: NAME -->`` then a json block)."""
     found = re.findall(r"<!-- example: (\w+) -->\s*```json\n(.*?)```", DOC.read_text(encoding="utf-8"), re.S)
     return {name: json.loads(body) for name, body in found}
-
-
-def vowel(seconds: float, rate: int = RATE) -> np.ndarray:
-    """A harmonic, syllable-modulated tone that webrtcvad takes for speech."""
-    t = np.arange(round(seconds * rate)) / rate
-    signal = sum(np.sin(2 * np.pi * 140 * k * t) / k for k in range(1, 25))
-    signal = signal * (0.6 + 0.4 * np.sin(2 * np.pi * 4 * t) ** 2)
-    return (0.1 * signal / np.sqrt(np.mean(signal**2))).astype(np.float32)
 
 
 def pcm16(audio: np.ndarray) -> bytes:
@@ -204,7 +197,7 @@ def test_finalize_and_stop_before_audio() -> None:
 def test_resampled_stereo_input_keeps_the_stream_timeline() -> None:
     session = opened()
     start(session, sample_rate=48000, channels=2)
-    mono = np.concatenate([np.zeros(48000 // 4, np.float32), vowel(2.0, 48000), np.zeros(48000, np.float32)])
+    mono = np.concatenate([np.zeros(48000 // 4, np.float32), vowel(2.0, rate=48000), np.zeros(48000, np.float32)])
     out = stream(session, pcm16(np.repeat(mono, 2)), chunk=19200) + stop(session)
     done = messages(out)[-1]
     assert done["audio_seconds"] == pytest.approx(3.25, abs=0.01)

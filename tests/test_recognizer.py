@@ -14,10 +14,10 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import lru_cache
 
 import numpy as np
 import pytest
+from signals import vowel
 
 from streaming.core import stream as recognizer
 from streaming.core.events import Event, Final, Partial, UtteranceEnd
@@ -49,25 +49,6 @@ EPS = 1e-6
 
 
 # --- synthetic stream ----------------------------------------------------------------------------------
-
-
-@lru_cache(maxsize=1)
-def _tone(samples: int) -> np.ndarray:
-    """Harmonic, formant-shaped, syllable-modulated tone at -20 dBFS (see tests/test_vad.py)."""
-    t = np.arange(samples) / SR
-    f0 = 140.0
-    phase = 2 * np.pi * np.cumsum(f0 * (1 + 0.03 * np.sin(2 * np.pi * 3 * t))) / SR
-    signal = np.zeros_like(t)
-    for k in range(1, int(4000 / f0)):
-        gain = sum(1 / (1 + ((k * f0 - fc) / bw) ** 2) for fc, bw in ((700, 130), (1220, 70), (2600, 160)))
-        signal += gain / np.sqrt(k) * np.sin(k * phase)
-    signal *= 0.6 + 0.4 * np.sin(2 * np.pi * 4 * t) ** 2
-    return (signal / np.sqrt(np.mean(signal**2)) * 0.1).astype(np.float32)
-
-
-def tone(seconds: float) -> np.ndarray:
-    n = round(seconds * SR)
-    return _tone(max(n, 60 * SR))[:n]
 
 
 @dataclass(frozen=True)
@@ -111,7 +92,7 @@ def build(utterances: list[list[str | None] | float], lead: float = 1.0, tail: f
             words += [Spoken(text, t + LEAD + i * STEP, t + LEAD + i * STEP + WORD, u)
                       for i, text in enumerate(utterance) if text is not None]
         duration = round(duration * SR) / SR
-        parts.append(tone(duration))
+        parts.append(vowel(duration))
         spans.append((t, t + duration))
         t += duration
     parts.append(np.zeros(round(tail * SR), np.float32))

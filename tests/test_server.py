@@ -9,8 +9,6 @@ import logging
 import os
 import re
 import signal
-import subprocess
-import sys
 import urllib.error
 import urllib.request
 import wave
@@ -24,6 +22,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from streaming.engine import Engine, configure_threads
 from streaming.server import Server, ServerConfig
+from streaming.testing import ServerProcess
 
 pytestmark = pytest.mark.real_model
 
@@ -415,38 +414,25 @@ async def test_drain_finishes_open_streams_and_refuses_new_ones(engine: Engine, 
 
 
 @pytest.mark.parametrize("workers", ["--worker-processes", "--no-worker-processes"])
-def test_sigterm_drains_a_subprocess_server_and_exits_0(clip: bytes, workers: str) -> None:
-    process = subprocess.Popen(
-        [sys.executable, "-m", "streaming.cli", "serve", "--port", "0", "--threads", "1", "--drain-seconds", "60",
-         "--device", "cpu", "--workers", "2", workers],
-        cwd=REPO, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    children: list[str] = []
+def test_sigterm_drains_a_subprocess_server_and_exits_0(clip: bytes, workers: str, tmp_path: Path) -> None:
+    server = ServerProcess(["--threads", "1", "--drain-seconds", "60", "--device", "cpu", "--workers", "2", workers],
+                           tmp_path / "serve.log", cwd=REPO)
     try:
-        lines = []
-        for line in process.stderr:
-            lines.append(line)
-            if found := re.search(r"listening on (ws://\S+)", line):
-                url = found.group(1)
-                break
-        else:
-            pytest.fail("server did not start:\n" + "".join(lines))
-        children = re.findall(r"\d+", "".join(re.findall(r"inference processes \(pids ([\d ]+)\)", "".join(lines))))
+        children = re.findall(r"\d+", "".join(re.findall(r"inference processes \(pids ([\d ]+)\)",
+                                                         server.log_text())))
 
         async def client() -> list[dict]:
-            async with connect(url) as ws:
+            async with connect(server.url) as ws:
                 await receive(ws, "ready")
                 await send_audio(ws, clip[:int(JFK_SECONDS * 32000)], speed=40)
-                process.send_signal(signal.SIGTERM)
+                server.process.send_signal(signal.SIGTERM)
                 return await receive_all(ws, timeout=60)
 
         replies = asyncio.run(client())
-        assert process.wait(timeout=60) == 0
-        log = "".join(lines) + process.stderr.read()
+        assert server.process.wait(timeout=60) == 0
+        log = server.log_text()
     finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-        process.stderr.close()
+        server.stop()
     assert "fellow americans" in finals_text(replies), log
     assert replies[-1]["type"] == "done" and replies[-1]["reason"] == "shutdown"
     assert "draining 1 open stream(s)" in log and "stopped" in log

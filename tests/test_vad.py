@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from signals import vowel
 
 from streaming.core.vad import (
     SAMPLE_RATE,
@@ -42,19 +43,6 @@ def stream(name: str) -> tuple[np.ndarray, dict]:
 
 def silence(seconds: float) -> np.ndarray:
     return np.zeros(round(seconds * SAMPLE_RATE), np.float32)
-
-
-def vowel(seconds: float, level_dbfs: float = -20.0) -> np.ndarray:
-    """Harmonic, formant-shaped, syllable-modulated tone that webrtcvad reliably takes for speech."""
-    t = np.arange(round(seconds * SAMPLE_RATE)) / SAMPLE_RATE
-    f0 = 140.0
-    phase = 2 * np.pi * np.cumsum(f0 * (1 + 0.03 * np.sin(2 * np.pi * 3 * t))) / SAMPLE_RATE
-    signal = np.zeros_like(t)
-    for k in range(1, int(4000 / f0)):
-        gain = sum(1 / (1 + ((k * f0 - fc) / bw) ** 2) for fc, bw in ((700, 130), (1220, 70), (2600, 160)))
-        signal += gain / np.sqrt(k) * np.sin(k * phase)
-    signal *= 0.6 + 0.4 * np.sin(2 * np.pi * 4 * t) ** 2
-    return (signal / np.sqrt(np.mean(signal**2)) * 10 ** (level_dbfs / 20)).astype(np.float32)
 
 
 def run(audio: np.ndarray, chunk: int = 4800, config: VadConfig | None = None) -> list[VadEvent]:

@@ -8,10 +8,8 @@ import contextlib
 import importlib.resources
 import json
 import logging
-import os
 import re
 import signal
-import subprocess
 import sys
 import time
 import urllib.error
@@ -25,7 +23,7 @@ import pytest
 import torch
 import yaml
 from conftest import scorer
-from test_fuzz import voice
+from signals import vowel
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 from wyoming.asr import Transcribe, Transcript
@@ -42,6 +40,7 @@ from streaming.engine import Engine, configure_threads
 from streaming.engine.model import Whisper
 from streaming.engine.tokenizer import load_tokenizer
 from streaming.server import Server, ServerConfig
+from streaming.testing import ServerProcess
 from streaming.wyoming import DEFAULT_PORT, ZEROCONF_TYPE, WyomingService, check_zeroconf, parse_uri
 
 REPO = Path(__file__).resolve().parent.parent
@@ -241,7 +240,7 @@ async def test_describe_tells_the_program_the_model_and_streaming(tiny_engine: E
 
 
 async def test_a_command_counts_as_a_stream_and_streams_its_transcript(tiny_engine: Engine) -> None:
-    audio = np.concatenate([np.zeros(4800, np.float32), voice(15), np.zeros(8000, np.float32)])
+    audio = np.concatenate([np.zeros(4800, np.float32), vowel(1.5), np.zeros(8000, np.float32)])
     async with serving(tiny_engine) as (server, service), client(service) as wy:
         await send_command(wy, pcm(audio), stop=False)
         async with asyncio.timeout(30):
@@ -295,7 +294,7 @@ async def test_recoverable_mistakes_get_an_error_and_keep_the_connection(tiny_en
         await wy.write_event(AudioStart(SAMPLE_RATE, 2, 1).event())
         await wy.write_event(AudioChunk(SAMPLE_RATE, 2, 1, bytes(3)).event())  # not whole frames
         await wy.write_event(AudioChunk(8000, 2, 1, bytes(1600)).event())  # another format mid-command
-        await wy.write_event(AudioChunk(SAMPLE_RATE, 2, 1, pcm(voice(10))).event())
+        await wy.write_event(AudioChunk(SAMPLE_RATE, 2, 1, pcm(vowel(1))).event())
         await wy.write_event(AudioStop().event())
         events = await events_until(wy)
         assert errors(events) == ["bad_audio", "format_changed"]
@@ -332,7 +331,7 @@ async def test_an_oversize_audio_chunk_ends_the_connection_only(tiny_engine: Eng
         assert errors(replies) == ["frame_too_large"] and "4098 bytes exceeds the 4096-byte limit" in str(replies)
         await wait_idle(server)
         async with client(service) as wy:
-            await send_command(wy, pcm(voice(10)))
+            await send_command(wy, pcm(vowel(1)))
             streamed_in_order(await events_until(wy))
 
 
@@ -346,7 +345,7 @@ async def test_commands_and_websocket_streams_share_the_stream_limit(tiny_engine
             assert len(replies) == 1  # closed
         await wait_idle(server)
         async with client(service) as wy:
-            await send_command(wy, pcm(voice(10)), stop=False)
+            await send_command(wy, pcm(vowel(1)), stop=False)
             with pytest.raises(InvalidStatus) as refused:
                 async with connect(f"ws://127.0.0.1:{server.port}/v1/listen"):
                     pass
@@ -363,11 +362,11 @@ async def test_a_client_leaving_mid_command_frees_its_stream(tiny_engine: Engine
     caplog.set_level(logging.INFO, logger="streaming")
     async with serving(tiny_engine) as (server, service):
         leaver = RawClient(*await asyncio.open_connection("127.0.0.1", service.port))
-        await send_command(leaver, pcm(voice(30)), stop=False)
+        await send_command(leaver, pcm(vowel(3)), stop=False)
         leaver.writer.transport.abort()  # gone without audio-stop or a goodbye
         await wait_idle(server)
         async with client(service) as wy:
-            await send_command(wy, pcm(voice(10)))
+            await send_command(wy, pcm(vowel(1)))
             streamed_in_order(await events_until(wy))
     assert any("client left" in r.getMessage() for r in caplog.records)
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
@@ -376,7 +375,7 @@ async def test_a_client_leaving_mid_command_frees_its_stream(tiny_engine: Engine
 async def test_draining_answers_open_commands_and_refuses_new_ones(tiny_engine: Engine) -> None:
     async with serving(tiny_engine) as (server, service):
         async with client(service) as talker, client(service) as silent, client(service) as late:
-            await send_command(talker, pcm(voice(20)), stop=False)
+            await send_command(talker, pcm(vowel(2)), stop=False)
             await send_command(silent, bytes(3200), stop=False)  # nothing to decode: ends as soon as it drains
             async with asyncio.timeout(30):
                 while server.active_streams < 2:
@@ -393,7 +392,7 @@ async def test_draining_answers_open_commands_and_refuses_new_ones(tiny_engine: 
 
 async def test_a_command_without_audio_stop_times_out_with_its_transcript(tiny_engine: Engine) -> None:
     async with serving(tiny_engine, idle_timeout=0.5) as (server, service), client(service) as wy:
-        await send_command(wy, pcm(voice(10)), stop=False)
+        await send_command(wy, pcm(vowel(1)), stop=False)
         replies = await events_until(wy)
         assert errors(replies) == ["idle_timeout"]
         streamed_in_order([e for e in replies if e.type != "error"])
@@ -487,40 +486,27 @@ async def test_two_clients_at_once_each_get_their_own_transcript(real_engine: En
 
 
 @pytest.mark.real_model
-def test_serve_with_a_wyoming_uri_answers_and_sigterm_drains_an_open_command(shared_eval: Path) -> None:
+def test_serve_with_a_wyoming_uri_answers_and_sigterm_drains_an_open_command(shared_eval: Path,
+                                                                            tmp_path: Path) -> None:
     """``whisper-stream serve --wyoming-uri`` in a child process: both protocols listen; SIGTERM mid-command
     answers the command with the transcript of its audio so far, then the process exits 0."""
-    process = subprocess.Popen(
-        [sys.executable, "-m", "streaming.cli", "serve", "--port", "0", "--wyoming-uri", "tcp://127.0.0.1:0",
-         "--threads", "1", "--workers", "1", "--device", "cpu", "--drain-seconds", "60"],
-        cwd=REPO, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     audio, reference = spoken(shared_eval, PASSWORD)
+    server = ServerProcess(["--wyoming-uri", "tcp://127.0.0.1:0", "--threads", "1", "--workers", "1",
+                            "--device", "cpu", "--drain-seconds", "60"], tmp_path / "serve.log", cwd=REPO)
     try:
-        lines = []
-        for line in process.stderr:
-            lines.append(line)
-            if found := re.search(r"Wyoming speech-to-text on tcp://127\.0\.0\.1:(\d+)", line):
-                break
-        else:
-            pytest.fail("the server did not start:\n" + "".join(lines))
-        (http_port,) = re.findall(r"listening on ws://127\.0\.0\.1:(\d+)/", "".join(lines))
-
         async def command() -> list[Event]:
-            async with AsyncTcpClient("127.0.0.1", int(found.group(1)), read_timeout=120) as wy:
+            async with AsyncTcpClient("127.0.0.1", server.address["wyoming_port"], read_timeout=120) as wy:
                 await send_command(wy, pcm(audio), stop=False)
                 async with asyncio.timeout(30):  # until the server has read all of it
-                    while await asyncio.to_thread(audio_seconds, int(http_port)) < len(audio) / SAMPLE_RATE:
+                    while await asyncio.to_thread(audio_seconds, server.port) < len(audio) / SAMPLE_RATE:
                         await asyncio.sleep(0.05)
-                process.send_signal(signal.SIGTERM)
+                server.process.send_signal(signal.SIGTERM)
                 return await events_until(wy)
 
         text = streamed_in_order(asyncio.run(command()))
-        assert process.wait(timeout=60) == 0
-        log = "".join(lines) + process.stderr.read()
+        assert server.process.wait(timeout=60) == 0
+        log = server.log_text()
     finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-        process.stderr.close()
+        server.stop()
     assert wer(shared_eval, reference, text) <= 0.15, (text, log)
     assert "draining 1 open stream(s)" in log and "stopped" in log
