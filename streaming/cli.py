@@ -13,6 +13,7 @@ import sys
 import time
 from typing import TYPE_CHECKING, Any
 
+from .core.languages import TASKS
 from .formats import FORMATS, Cue, render
 
 if TYPE_CHECKING:
@@ -77,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("file", help="audio file (WAV; other formats need ffmpeg on PATH)")
     t.add_argument("--model", default="tiny.en", help="tiny.en (default), base, or a local model path")
     t.add_argument("--language", default=None, help="language code; default: detect (multilingual models)")
-    t.add_argument("--task", default="transcribe", choices=("transcribe", "translate"))
+    t.add_argument("--task", default="transcribe", choices=TASKS)
     t.add_argument("--beam-size", type=int, default=5)
     t.add_argument("--word-timestamps", action="store_true", help="add word timings (json, srt, vtt)")
     t.add_argument("--prompt", default=None, help="initial prompt: names, jargon, spelling")

@@ -50,6 +50,19 @@ def _settle(future: asyncio.Future, result: WindowReply | BaseException) -> None
         future.set_result(result)
 
 
+def check_options(max_batch: int, max_wait_ms: float, workers: int, shed_after_ms: float) -> None:
+    """Raise ValueError naming the first scheduler option out of its range (the server checks them with this
+    before it loads the model)."""
+    if not isinstance(max_batch, int) or max_batch < 1:
+        raise ValueError(f"max_batch={max_batch!r} is invalid; use an integer >= 1")
+    if not 0 <= max_wait_ms <= 1000:
+        raise ValueError(f"max_wait_ms={max_wait_ms!r} is out of range; allowed: 0 to 1000")
+    if not isinstance(workers, int) or not 1 <= workers <= 16:
+        raise ValueError(f"workers={workers!r} is invalid; use an integer from 1 to 16")
+    if not 0 <= shed_after_ms <= 60_000:
+        raise ValueError(f"shed_after_ms={shed_after_ms!r} is out of range; allowed: 0 (never) to 60000")
+
+
 class Scheduler:
     """Inference worker threads (``workers``, default one) shared by all streams.
 
@@ -66,14 +79,7 @@ class Scheduler:
     def __init__(self, engine: Any, max_batch: int = 8, max_wait_ms: float = 5, metrics: Metrics | None = None,
                  runner: Runner = iter_windows, workers: int = 1, on_busy: Callable[[float], None] | None = None,
                  shed_after_ms: float = 0):
-        if not isinstance(max_batch, int) or max_batch < 1:
-            raise ValueError(f"max_batch={max_batch!r} is invalid; use an integer >= 1")
-        if not 0 <= max_wait_ms <= 1000:
-            raise ValueError(f"max_wait_ms={max_wait_ms!r} is out of range; allowed: 0 to 1000")
-        if not isinstance(workers, int) or not 1 <= workers <= 16:
-            raise ValueError(f"workers={workers!r} is invalid; use an integer from 1 to 16")
-        if not 0 <= shed_after_ms <= 60_000:
-            raise ValueError(f"shed_after_ms={shed_after_ms!r} is out of range; allowed: 0 (never) to 60000")
+        check_options(max_batch, max_wait_ms, workers, shed_after_ms)
         self.engine = engine
         self.max_batch = max_batch
         self.max_wait = max_wait_ms / 1000

@@ -38,7 +38,7 @@ from .core.session import (
 from .heap import HeapTrimmer
 from .metrics import Metrics
 from .native import peer, serve_stream
-from .scheduler import Runner, Scheduler
+from .scheduler import Runner, Scheduler, check_options
 
 log = logging.getLogger(__name__)
 
@@ -84,12 +84,7 @@ class ServerConfig:
             raise ValueError("idle_timeout and drain_seconds must be >= 0 seconds")
         if not 0 <= self.max_utilization <= 1:
             raise ValueError(f"max_utilization={self.max_utilization} is out of range; allowed: 0 (off) to 1")
-        if not 1 <= self.workers <= 16:
-            raise ValueError(f"workers={self.workers} is out of range; allowed: 1 to 16")
-        if self.max_batch < 1 or not 0 <= self.max_wait_ms <= 1000:
-            raise ValueError("max_batch must be >= 1 and max_wait_ms from 0 to 1000")
-        if not 0 <= self.shed_after_ms <= 60_000:
-            raise ValueError(f"shed_after_ms={self.shed_after_ms} is out of range; allowed: 0 (never) to 60000")
+        check_options(self.max_batch, self.max_wait_ms, self.workers, self.shed_after_ms)
         if not 0 <= self.heap_trim_seconds <= 3600:
             raise ValueError(f"heap_trim_seconds={self.heap_trim_seconds} is out of range; allowed: 0 (off) to 3600")
         if self.token is not None and not self.token:

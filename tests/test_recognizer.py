@@ -694,7 +694,7 @@ def test_ten_minutes_of_speech_keep_windows_prompts_and_prefixes_bounded() -> No
 @pytest.mark.parametrize(
     ("field", "value", "message"),
     [
-        ("task", "summarize", "task must be 'transcribe' or 'translate', not 'summarize'"),
+        ("task", "summarize", "task must be 'transcribe' or 'translate', got 'summarize'"),
         ("min_chunk", 0.05, "min_chunk=0.05 is out of range; allowed: 0.1 to 10 seconds"),
         ("min_chunk", 11, "min_chunk=11 is out of range"),
         ("max_window", 30, "max_window=30 is out of range; allowed: 2 to 25 seconds"),

@@ -193,7 +193,7 @@ def test_multilingual_ids_and_options(ml_dir: Path) -> None:
 
     with pytest.raises(ValueError, match="not in this model's vocabulary"):
         tok.language_token("yue")
-    with pytest.raises(ValueError, match="unknown task"):
+    with pytest.raises(ValueError, match="task must be .transcribe. or .translate."):
         tok.with_options(task="summarize")
 
 

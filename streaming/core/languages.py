@@ -1,4 +1,5 @@
-"""The languages Whisper knows: code -> English name, in the order of its language tokens."""
+"""What Whisper can be asked for: its languages (code -> English name, in the order of its language tokens)
+and its tasks."""
 
 LANGUAGES: dict[str, str] = {
     "en": "english", "zh": "chinese", "de": "german", "es": "spanish", "ru": "russian", "ko": "korean",
@@ -20,3 +21,12 @@ LANGUAGES: dict[str, str] = {
     "haw": "hawaiian", "ln": "lingala", "ha": "hausa", "ba": "bashkir", "jw": "javanese", "su": "sundanese",
     "yue": "cantonese",
 }  # fmt: skip
+
+TASKS = ("transcribe", "translate")
+
+
+def check_task(task: object) -> str:
+    """``task`` if Whisper has it, else ValueError naming the tasks it has."""
+    if task not in TASKS:
+        raise ValueError(f"task must be 'transcribe' or 'translate', got {task!r}")
+    return task

@@ -20,7 +20,7 @@ import numpy as np
 
 from .audio import AudioFormatError, PcmDecoder
 from .events import Event, Final, Partial, UtteranceEnd
-from .languages import LANGUAGES
+from .languages import LANGUAGES, check_task
 from .messages import WindowReply, WindowRequest
 from .stream import StreamCore, StreamOptions
 from .vad import SAMPLE_RATE, VadConfig
@@ -313,8 +313,10 @@ class Session:
             raise _bad_start(f"channels must be an integer, got {channels!r}")
         language = self._language(get("language"))
         task = get("task", "transcribe")
-        if task not in ("transcribe", "translate"):
-            raise _bad_start(f"task must be 'transcribe' or 'translate', got {task!r}")
+        try:
+            check_task(task)
+        except ValueError as exc:
+            raise _bad_start(str(exc)) from None
         if task == "translate" and not self.engine.multilingual:
             raise _bad_start(f"task 'translate' needs a multilingual model; {self.engine.model} is English-only")
         prompt = get("prompt")

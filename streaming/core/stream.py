@@ -16,6 +16,7 @@ import numpy as np
 from .agreement import SENTENCE_END, LocalAgreement, Word
 from .events import Event, Final, LanguageDetected, Partial, UtteranceEnd
 from .guards import cut_loops, drop_redecoded
+from .languages import check_task
 from .messages import PROMPT_TOKENS, TRAILING_SILENCE, WindowReply, WindowRequest
 from .vad import SAMPLE_RATE, SpeechAudio, SpeechEnd, SpeechStart, VadConfig, VoiceActivityDetector
 from .window import AudioWindow
@@ -47,8 +48,7 @@ class StreamOptions:
     max_pending: float = 3.0
 
     def __post_init__(self) -> None:
-        if self.task not in ("transcribe", "translate"):
-            raise ValueError(f"task must be 'transcribe' or 'translate', not {self.task!r}")
+        check_task(self.task)
         if not 0.1 <= self.min_chunk <= 10:
             raise ValueError(f"min_chunk={self.min_chunk} is out of range; allowed: 0.1 to 10 seconds")
         if not 2 <= self.max_window <= 25:

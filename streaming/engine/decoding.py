@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import Tensor
 
+from ..core.languages import check_task
 from .model import KVCache, Whisper, decode_padded
 from .tokenizer import Tokenizer
 
@@ -39,8 +40,7 @@ class DecodingOptions:
     draft: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
-        if self.task not in ("transcribe", "translate"):
-            raise ValueError(f"task must be 'transcribe' or 'translate', not {self.task!r}")
+        check_task(self.task)
         if self.beam_size < 1 or self.best_of < 1:
             raise ValueError("beam_size and best_of must be at least 1")
         if self.temperature < 0:

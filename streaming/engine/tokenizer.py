@@ -18,7 +18,7 @@ from pathlib import Path
 
 import tiktoken
 
-from ..core.languages import LANGUAGES
+from ..core.languages import LANGUAGES, check_task
 
 # Vocabularies this large hold the language tokens: the model is multilingual (as Whisper decides).
 MULTILINGUAL_VOCAB = 51865
@@ -40,7 +40,6 @@ _UNSPACED_LANGUAGES = frozenset({"zh", "ja", "th", "lo", "my", "yue"})
 
 TIME_PRECISION = 0.02  # seconds per timestamp token
 _N_TIMESTAMPS = 1501  # <|0.00|> ... <|30.00|>
-_TASKS = ("transcribe", "translate")
 
 # GPT-2 pre-tokenization pattern (also used by Whisper's tiktoken encodings).
 _PAT_STR = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
@@ -117,8 +116,7 @@ class Tokenizer:
         return self.encoding.encode_single_token(token)
 
     def _configure(self, language: str | None, task: str) -> None:
-        if task not in _TASKS:
-            raise ValueError(f"unknown task {task!r}; expected one of {_TASKS}")
+        check_task(task)
         if not self.multilingual:
             if language is not None and _language_code(language) != "en":
                 raise ValueError(f"English-only vocabulary cannot use language {language!r}")
