@@ -1,22 +1,23 @@
-"""Server metrics: thread-safe counters and histograms rendered in the Prometheus text format."""
+"""Server metrics: thread-safe counters and histograms, exposed in the Prometheus text format by
+``prometheus_client`` (with its process collector: CPU, memory, open files)."""
 
 from __future__ import annotations
 
 import bisect
+import itertools
 import math
 import threading
 from collections import Counter
 from collections.abc import Iterable, Sequence
 
+from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
+
 PREFIX = "whisper_stream"
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32)
 DELAY_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
-
-
-def _number(value: float) -> str:
-    if math.isinf(value):
-        return "+Inf" if value > 0 else "-Inf"
-    return repr(float(value)) if not float(value).is_integer() else str(int(value))
 
 
 class Histogram:
@@ -33,13 +34,10 @@ class Histogram:
         self.sum += value
         self.count += 1
 
-    def render(self, name: str) -> Iterable[str]:
-        total = 0
-        for bound, count in zip((*self.buckets, math.inf), self.counts):
-            total += count
-            yield f'{name}_bucket{{le="{_number(bound)}"}} {total}'
-        yield f"{name}_sum {_number(self.sum)}"
-        yield f"{name}_count {self.count}"
+    def family(self, name: str, help_text: str) -> HistogramMetricFamily:
+        cumulative = itertools.accumulate(self.counts)
+        return HistogramMetricFamily(name, help_text, sum_value=self.sum, buckets=[
+            (floatToGoString(bound), count) for bound, count in zip((*self.buckets, math.inf), cumulative)])
 
 
 class Metrics:
@@ -107,39 +105,47 @@ class Metrics:
 
     def render(self, gauges: dict[str, tuple[str, float]] | None = None) -> str:
         """Prometheus text exposition; ``gauges`` adds ``name: (help, value)`` gauges owned by the caller."""
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(_Snapshot(self._families(gauges or {})))
+        registry.register(ProcessCollector(registry=None))
+        return generate_latest(registry).decode()
+
+    def _families(self, gauges: dict[str, tuple[str, float]]) -> list[Metric]:
         rtf = self.real_time_factor
         p = PREFIX
         with self._lock:
-            lines = [
-                *_metric(f"{p}_streams_active", "gauge", "Open streams.", self.streams_active),
-                *_metric(f"{p}_streams_total", "counter", "Streams accepted since start.", self.streams_total),
-                *_metric(f"{p}_audio_seconds_total", "counter", "Seconds of audio received.", self.audio_seconds),
-                *_metric(f"{p}_inference_requests_total", "counter", "Window decodes run.", self.requests),
-                *_metric(f"{p}_inference_failures_total", "counter", "Window decodes that raised.",
-                         self.request_failures),
-                *_metric(f"{p}_inference_busy_seconds_total", "counter", "Time the inference worker spent running.",
-                         self.busy_seconds),
-                *_metric(f"{p}_heap_trims_total", "counter", "Times freed memory was returned to the system.",
-                         self.heap_trims),
-                *_metric(f"{p}_heap_trim_seconds_total", "counter", "Time spent returning freed memory.",
-                         self.heap_trim_seconds),
-                *_metric(f"{p}_shed_decodes_total", "counter", "Final decodes run with a short audio context "
-                         "because they waited longer than --shed-after-ms.", self.shed_decodes),
-                *_metric(f"{p}_real_time_factor", "gauge", "Inference seconds per second of audio received.", rtf),
-                f"# HELP {p}_batch_size Window decodes per inference batch.",
-                f"# TYPE {p}_batch_size histogram",
-                *self.batch_size.render(f"{p}_batch_size"),
-                f"# HELP {p}_queue_delay_seconds Time a decode waited for the inference worker.",
-                f"# TYPE {p}_queue_delay_seconds histogram",
-                *self.queue_delay.render(f"{p}_queue_delay_seconds"),
-                f"# HELP {p}_errors_total Error messages sent and connections refused, by code.",
-                f"# TYPE {p}_errors_total counter",
-                *(f'{p}_errors_total{{code="{code}"}} {n}' for code, n in sorted(self.errors.items())),
+            errors = CounterMetricFamily(f"{p}_errors", "Error messages sent and connections refused, by code.",
+                                         labels=["code"])
+            for code, n in sorted(self.errors.items()):
+                errors.add_metric([code], n)
+            families = [
+                GaugeMetricFamily(f"{p}_streams_active", "Open streams.", self.streams_active),
+                CounterMetricFamily(f"{p}_streams", "Streams accepted since start.", self.streams_total),
+                CounterMetricFamily(f"{p}_audio_seconds", "Seconds of audio received.", self.audio_seconds),
+                CounterMetricFamily(f"{p}_inference_requests", "Window decodes run.", self.requests),
+                CounterMetricFamily(f"{p}_inference_failures", "Window decodes that raised.", self.request_failures),
+                CounterMetricFamily(f"{p}_inference_busy_seconds", "Time the inference worker spent running.",
+                                    self.busy_seconds),
+                CounterMetricFamily(f"{p}_heap_trims", "Times freed memory was returned to the system.",
+                                    self.heap_trims),
+                CounterMetricFamily(f"{p}_heap_trim_seconds", "Time spent returning freed memory.",
+                                    self.heap_trim_seconds),
+                CounterMetricFamily(f"{p}_shed_decodes", "Final decodes run with a short audio context because "
+                                    "they waited longer than --shed-after-ms.", self.shed_decodes),
+                GaugeMetricFamily(f"{p}_real_time_factor", "Inference seconds per second of audio received.", rtf),
+                self.batch_size.family(f"{p}_batch_size", "Window decodes per inference batch."),
+                self.queue_delay.family(f"{p}_queue_delay_seconds", "Time a decode waited for the inference worker."),
+                errors,
             ]
-        for name, (help_text, value) in (gauges or {}).items():
-            lines += _metric(f"{p}_{name}", "gauge", help_text, value)
-        return "\n".join(lines) + "\n"
+        return families + [GaugeMetricFamily(f"{p}_{name}", help_text, value)
+                           for name, (help_text, value) in gauges.items()]
 
 
-def _metric(name: str, kind: str, help_text: str, value: float) -> list[str]:
-    return [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}", f"{name} {_number(value)}"]
+class _Snapshot(Collector):
+    """Metric families computed once, for one exposition."""
+
+    def __init__(self, families: list[Metric]):
+        self._families = families
+
+    def collect(self) -> Iterable[Metric]:
+        return self._families

@@ -299,18 +299,20 @@ def test_metrics_render_cumulative_histograms() -> None:
     metrics.add_audio(3.0)
     metrics.count_error("bad_audio")
     text = metrics.render({"streams_capacity": ("Maximum concurrent streams.", 4)})
-    lines = dict(line.rsplit(" ", 1) for line in text.splitlines() if not line.startswith("#"))
-    assert lines['whisper_stream_batch_size_bucket{le="1"}'] == "1"
-    assert lines['whisper_stream_batch_size_bucket{le="4"}'] == "2"
-    assert lines['whisper_stream_batch_size_bucket{le="+Inf"}'] == "2"
-    assert lines["whisper_stream_batch_size_sum"] == "4" and lines["whisper_stream_batch_size_count"] == "2"
-    assert lines['whisper_stream_queue_delay_seconds_bucket{le="0.001"}'] == "1"
-    assert lines['whisper_stream_queue_delay_seconds_bucket{le="0.25"}'] == "2"
-    assert lines['whisper_stream_queue_delay_seconds_bucket{le="0.5"}'] == "4"
-    assert lines["whisper_stream_real_time_factor"] == "0.25"
-    assert lines["whisper_stream_inference_failures_total"] == "1"
-    assert lines['whisper_stream_errors_total{code="bad_audio"}'] == "1"
-    assert lines["whisper_stream_streams_capacity"] == "4"
+    lines = {name: float(value) for name, value in
+             (line.rsplit(" ", 1) for line in text.splitlines() if not line.startswith("#"))}
+    assert lines['whisper_stream_batch_size_bucket{le="1.0"}'] == 1
+    assert lines['whisper_stream_batch_size_bucket{le="4.0"}'] == 2
+    assert lines['whisper_stream_batch_size_bucket{le="+Inf"}'] == 2
+    assert lines["whisper_stream_batch_size_sum"] == 4 and lines["whisper_stream_batch_size_count"] == 2
+    assert lines['whisper_stream_queue_delay_seconds_bucket{le="0.001"}'] == 1
+    assert lines['whisper_stream_queue_delay_seconds_bucket{le="0.25"}'] == 2
+    assert lines['whisper_stream_queue_delay_seconds_bucket{le="0.5"}'] == 4
+    assert lines["whisper_stream_real_time_factor"] == 0.25
+    assert lines["whisper_stream_inference_failures_total"] == 1
+    assert lines['whisper_stream_errors_total{code="bad_audio"}'] == 1
+    assert lines["whisper_stream_streams_capacity"] == 4
+    assert lines["process_cpu_seconds_total"] > 0  # the process collector
 
 
 async def test_a_final_decode_that_waited_past_shed_after_ms_runs_with_the_short_context() -> None:

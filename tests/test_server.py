@@ -382,9 +382,10 @@ async def test_http_endpoints(engine: Engine) -> None:
         assert health == {"status": "ok", "model": "tiny.en", "active_streams": 1, "capacity": 3}
         status, headers, body = await asyncio.to_thread(http_get, base + "/metrics")
         assert status == 200 and headers["Content-Type"].startswith("text/plain; version=0.0.4")
-        for name in ("whisper_stream_streams_active 1", "whisper_stream_audio_seconds_total",
+        for name in ("whisper_stream_streams_active 1.0", "whisper_stream_audio_seconds_total",
                      'whisper_stream_batch_size_bucket{le="+Inf"}', "whisper_stream_queue_delay_seconds_count",
-                     "whisper_stream_real_time_factor", "whisper_stream_streams_capacity 3",
+                     "whisper_stream_real_time_factor", "whisper_stream_streams_capacity 3.0",
+                     "process_resident_memory_bytes",
                      "# TYPE whisper_stream_shed_decodes_total counter",
                      "# TYPE whisper_stream_errors_total counter"):
             assert name in body, name
