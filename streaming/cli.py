@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 def _transcribe(args: argparse.Namespace) -> int:
     from .audiofile import read_audio
     from .core.audio import AudioFormatError
+    from .core.events import word_dict
     from .engine import Engine, configure_threads
     from .engine.transcribe import TranscribeOptions, transcribe
     from .engine.weights import ModelLoadError
@@ -60,8 +61,7 @@ def _transcribe(args: argparse.Namespace) -> int:
         elapsed = time.monotonic() - started
         print(f"\rdone: {result.duration:.1f} s of audio in {elapsed:.1f} s", file=sys.stderr)
     cues = [Cue(s.start, s.end, s.text, [
-        {"word": w.word, "start": round(w.start, 3), "end": round(w.end, 3), "probability": round(w.probability, 4)}
-        for w in s.words]) for s in result.segments]
+        word_dict(w.word, w.start, w.end, w.probability) for w in s.words]) for s in result.segments]
     output = render(cues, args.format, result.language)
     if args.output:
         with open(args.output, "w", encoding="utf-8") as f:

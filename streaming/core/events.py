@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from streaming.core.agreement import Word
+from .agreement import Word
 
 
 def _t(seconds: float) -> float:
@@ -14,6 +14,11 @@ def _t(seconds: float) -> float:
 
 def _p(probability: float) -> float:
     return round(float(probability), 4)
+
+
+def word_dict(word: str, start: float, end: float, probability: float) -> dict[str, Any]:
+    """A word's JSON object, in ``final`` messages and in offline JSON output alike."""
+    return {"word": word, "start": _t(start), "end": _t(end), "probability": _p(probability)}
 
 
 @dataclass(frozen=True)
@@ -42,12 +47,13 @@ class Final:
     end: float
     words: tuple[Word, ...]
 
-    def to_dict(self) -> dict[str, Any]:
-        """Wire JSON object."""
-        words = [{"word": w.text, "start": _t(w.start), "end": _t(w.end), "probability": _p(w.probability)}
-                 for w in self.words]
-        return {"type": "final", "segment": self.segment, "text": self.text,
-                "start": _t(self.start), "end": _t(self.end), "words": words}
+    def to_dict(self, words: bool = True) -> dict[str, Any]:
+        """Wire JSON object; ``words`` False leaves the word list out."""
+        message = {"type": "final", "segment": self.segment, "text": self.text, "start": _t(self.start),
+                   "end": _t(self.end)}
+        if words:
+            message["words"] = [word_dict(w.text, w.start, w.end, w.probability) for w in self.words]
+        return message
 
 
 @dataclass(frozen=True)

@@ -418,17 +418,16 @@ class Session:
     def _emit(self, events: list[Event]) -> list[Action]:
         actions: list[Action] = []
         for event in events:
-            message = event.to_dict()
             if isinstance(event, Final):
                 self.stats["finals"] += 1
                 self.stats["words"] += len(event.words)
-                if not (self._settings and self._settings.word_timestamps):
-                    del message["words"]
-            elif isinstance(event, Partial):
+                actions.append(Send(event.to_dict(words=bool(self._settings and self._settings.word_timestamps))))
+                continue
+            if isinstance(event, Partial):
                 self.stats["partials"] += 1
             elif isinstance(event, UtteranceEnd):
                 self.stats["utterances"] += 1
-            actions.append(Send(message))
+            actions.append(Send(event.to_dict()))
         return actions
 
     def _done(self) -> list[Action]:
