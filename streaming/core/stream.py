@@ -303,7 +303,7 @@ class StreamCore:
             return
         done, self._window_words = words[:cut], words[cut:]
         self._to_context(done)
-        self._window.trim(self._window_words[0].start)
+        self._window.trim(round(self._window_words[0].start * SAMPLE_RATE))
 
     def _force_commit_if_stalled(self) -> None:
         """Speech with no pause for the VAD to end it (continuous talk, babble, music) and words that do not
@@ -330,7 +330,8 @@ class StreamCore:
         Where the decode found nothing before the cut but the interim decodes heard words (noise made it
         give up), nothing is committed and the audio is kept; where nobody heard anything, the audio before
         the cut is dropped from the window."""
-        cut, self._cut = self._cut / SAMPLE_RATE, None
+        cut_sample, self._cut = self._cut, None
+        cut = cut_sample / SAMPLE_RATE
         k = 0
         while k < len(words) and (words[k].start + words[k].end) / 2 < cut:
             k += 1
@@ -340,8 +341,8 @@ class StreamCore:
         if not k:
             self._to_context(self._window_words)
             self._window_words = []
-            self._window.trim(cut)
-        self._forced_from = round(cut * SAMPLE_RATE)
+            self._window.trim(cut_sample)
+        self._forced_from = cut_sample
         self._agreement.reset()
         agreed, rest = self._agreement.update(words[k:], heard_until)
         return words[:k] + agreed, rest

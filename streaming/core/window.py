@@ -55,9 +55,9 @@ class AudioWindow:
             self._chunks = [self._joined]
         return self._joined
 
-    def trim(self, time: float) -> None:
-        """Drop the audio before ``time`` (seconds on the stream timeline)."""
-        cut = min(max(0, round(time * SAMPLE_RATE) - self.start_sample), self.length)
+    def trim(self, sample: int) -> None:
+        """Drop the audio before ``sample`` (on the stream timeline)."""
+        cut = min(max(0, sample - self.start_sample), self.length)
         if cut:
             rest = self.audio[cut:]
             self._chunks, self._joined = [rest], rest
