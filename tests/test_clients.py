@@ -611,7 +611,7 @@ def test_en_mixed_through_the_file_client_stays_within_the_streaming_bound(share
     precision ``serve`` uses by default (``auto``), scored by the reference scorer against the offline WER of
     the same engine on the same audio: at most 1 point above it. The digit clip "two nine three four zero"
     may come out as "29340" (4 errors for the scorer): both decoders write it as words or as a number
-    depending on the punctuation of the text before it (benchmarks/RESULTS.md, "Why en_mixed depends on
+    depending on the punctuation of the text before it (benchmarks/JOURNAL.md, "Why en_mixed depends on
     timing"); the bound allows that style, and nothing else."""
     engine = Engine.load("tiny.en", device="cpu", dtype="auto")
     score = scorer(shared_eval)

@@ -28,7 +28,7 @@ def load_soak() -> ModuleType:
 def test_a_short_soak_leaves_no_leak(shared_eval: Path, tmp_path: Path) -> None:
     soak = load_soak()
     # About 3 minutes: 30 s of warm-up, then three load phases of about 35 s, each followed by an idle sample.
-    # float32: in bfloat16 oneDNN's per-shape kernel cache (bounded, see RESULTS.md) still fills for the
+    # float32: in bfloat16 oneDNN's per-shape kernel cache (bounded, see benchmarks/JOURNAL.md) still fills for the
     # first ~5 minutes, which 3 minutes cannot tell from a leak; the leaks this test looks for (streams,
     # descriptors, threads) do not depend on the dtype. benchmarks/soak.py covers bfloat16 over 10 minutes.
     config = soak.SoakConfig(minutes=2.4, audio_hours=1.0, streams=4, speed=(4.0, 10.0), slice_seconds=(5.0, 25.0),
