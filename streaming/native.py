@@ -222,17 +222,6 @@ async def _send_all(ws: ServerConnection, actions: list[Action]) -> None:
         pass
 
 
-async def _send_all(ws: ServerConnection, actions: list[Action]) -> None:
-    try:
-        for action in actions:
-            if isinstance(action, Send):
-                await ws.send(json.dumps(action.message))
-            elif isinstance(action, Close):
-                await ws.close(action.code, action.reason)
-    except ConnectionClosed:
-        pass
-
-
 def peer(ws: ServerConnection) -> str:
     """The client's address as host:port, for logs."""
     address = ws.remote_address
