@@ -7,6 +7,7 @@ import concurrent.futures
 import contextlib
 import importlib.resources
 import importlib.util
+import json
 import os
 import threading
 from collections.abc import Callable, Iterator
@@ -15,9 +16,11 @@ from pathlib import Path
 from types import ModuleType
 from typing import TypeVar
 
+import numpy as np
 import pytest
 import torch
 
+from streaming.audiofile import read_audio
 from streaming.engine import Engine
 from streaming.engine.model import ModelDims, Whisper
 from streaming.engine.tokenizer import Tokenizer, load_tokenizer
@@ -78,6 +81,24 @@ def scorer(shared_eval: Path) -> ModuleType:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+# The first four prompts of en_prompts.wav (34 words): speech for the API adapters' end-to-end tests.
+SPEECH_CLIP_SECONDS = 19.6
+
+
+def speech_clip(shared_eval: Path, sample_rate: int) -> tuple[bytes, dict]:
+    """The head of en_prompts.wav as s16le mono PCM at ``sample_rate``, and the reference of its segments."""
+    audio = read_audio(shared_eval / "streams" / "en_prompts.wav", sample_rate)
+    audio = audio[: int(SPEECH_CLIP_SECONDS * sample_rate)]
+    reference = json.loads((shared_eval / "streams" / "en_prompts.json").read_text(encoding="utf-8"))
+    reference["segments"] = [s for s in reference["segments"] if s["end"] <= SPEECH_CLIP_SECONDS]
+    return (np.clip(audio, -1, 1 - 2 ** -15) * 32768).astype("<i2").tobytes(), reference
+
+
+def word_error_rate(shared_eval: Path, reference: dict, text: str) -> float:
+    """The eval scorer's WER of ``text`` against ``reference``."""
+    return scorer(shared_eval).score(reference, [{"type": "final", "t": 0.0, "text": text}])["wer"]
 
 
 @pytest.fixture(scope="session")
