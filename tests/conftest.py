@@ -10,6 +10,8 @@ import importlib.util
 import json
 import os
 import threading
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
@@ -99,6 +101,18 @@ def speech_clip(shared_eval: Path, sample_rate: int) -> tuple[bytes, dict]:
 def word_error_rate(shared_eval: Path, reference: dict, text: str) -> float:
     """The eval scorer's WER of ``text`` against ``reference``."""
     return scorer(shared_eval).score(reference, [{"type": "final", "t": 0.0, "text": text}])["wer"]
+
+
+def refused_handshake(url: str) -> tuple[int, dict]:
+    """The HTTP status and JSON body with which the server refuses a WebSocket handshake for ``url``."""
+    request = urllib.request.Request(url, headers={"Connection": "Upgrade", "Upgrade": "websocket",
+                                                   "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
+                                                   "Sec-WebSocket-Version": "13"})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            raise AssertionError(f"the handshake for {url} was accepted ({response.status})")
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
 
 
 @pytest.fixture(scope="session")

@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import re
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import speech_clip, word_error_rate
+from conftest import refused_handshake, speech_clip, word_error_rate
 
 from streaming.engine import Engine
 from streaming.server import Server, ServerConfig
@@ -85,14 +82,9 @@ async def test_bad_parameters_are_refused_at_the_handshake_with_a_json_error(eng
                     pass
             assert refused.value.status_code == 400, params
         # The body, as a client without the SDK reads it.
-        request = urllib.request.Request(f"http://127.0.0.1:{server.port}/deepgram/v1/listen?encoding=opus",
-                                         headers={"Connection": "Upgrade", "Upgrade": "websocket",
-                                                  "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
-                                                  "Sec-WebSocket-Version": "13"})
-        with pytest.raises(urllib.error.HTTPError) as error:
-            await asyncio.to_thread(urllib.request.urlopen, request, timeout=10)
-        body = json.loads(error.value.read())
-        assert error.value.code == 400 and body["err_code"] == "INVALID_QUERY_PARAMETER" and "opus" in body["err_msg"]
+        status, body = await asyncio.to_thread(refused_handshake,
+                                               f"http://127.0.0.1:{server.port}/deepgram/v1/listen?encoding=opus")
+        assert status == 400 and body["err_code"] == "INVALID_QUERY_PARAMETER" and "opus" in body["err_msg"]
 
 
 async def test_the_server_stays_healthy_after_a_client_leaves_mid_stream(engine: Engine, shared_eval: Path) -> None:
