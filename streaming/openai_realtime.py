@@ -107,7 +107,10 @@ class RealtimeCodec(Codec):
         if session.state != "new":
             return [_error("the session's settings are fixed once audio was appended", "session_already_started",
                            "session", event_id)]
-        audio_input = (config.get("audio") or {}).get("input") or {}
+        audio = config.get("audio") or {}
+        audio_input = (audio.get("input") if isinstance(audio, dict) else audio) or {}
+        if not isinstance(audio_input, dict):
+            return [_error("audio.input must be an object", "invalid_value", "session.audio.input", event_id)]
         fmt = audio_input.get("format", config.get("input_audio_format", "pcm16"))
         fmt_type = fmt.get("type", "audio/pcm") if isinstance(fmt, dict) else fmt
         rate = fmt.get("rate", SAMPLE_RATE) if isinstance(fmt, dict) else SAMPLE_RATE
@@ -115,11 +118,14 @@ class RealtimeCodec(Codec):
             return [_error(f"audio format {fmt!r} is not supported; use audio/pcm at {SAMPLE_RATE} Hz (pcm16)",
                            "invalid_value", "session.audio.input.format", event_id)]
         transcription = audio_input.get("transcription", config.get("input_audio_transcription")) or {}
+        if not isinstance(transcription, dict):
+            return [_error("transcription must be an object", "invalid_value", "session.audio.input.transcription",
+                           event_id)]
         turn = audio_input["turn_detection"] if "turn_detection" in audio_input else \
             config.get("turn_detection", self.turn_detection)
-        if turn is not None and (not isinstance(turn, dict) or turn.get("type", "server_vad") != "server_vad"):
-            return [_error("turn_detection must be server_vad or null", "invalid_value",
-                           "session.audio.input.turn_detection", event_id)]
+        problem = _turn_detection_problem(turn)
+        if problem:
+            return [_error(problem, "invalid_value", "session.audio.input.turn_detection", event_id)]
         merged = {**self.transcription, **{k: transcription.get(k) for k in ("model", "language", "prompt")
                                            if k in transcription}}
         turn = None if turn is None else {**DEFAULT_TURN_DETECTION, **turn}
@@ -206,6 +212,23 @@ def _start(transcription: dict[str, Any], turn: dict[str, Any] | None) -> dict[s
                         if isinstance(threshold, (int, float)) else None}
         start["vad"] = {k: v for k, v in start["vad"].items() if v is not None}
     return start
+
+
+def _turn_detection_problem(turn: object) -> str | None:
+    """What is wrong with a ``turn_detection`` setting, or None."""
+    if turn is None:
+        return None
+    if not isinstance(turn, dict) or turn.get("type", "server_vad") != "server_vad":
+        return "turn_detection must be server_vad or null"
+    for name in ("prefix_padding_ms", "silence_duration_ms"):
+        value = turn.get(name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+            return f"turn_detection.{name} must be a number of milliseconds, got {value!r}"
+    threshold = turn.get("threshold")
+    if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, (int, float))
+                                  or not 0 <= threshold <= 1):
+        return f"turn_detection.threshold must be a number from 0 to 1, got {threshold!r}"
+    return None
 
 
 def _wire(event: dict[str, Any]) -> Send:

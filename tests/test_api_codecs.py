@@ -59,3 +59,15 @@ def test_realtime_settings_and_the_events_of_one_utterance() -> None:
     assert len({e["item_id"] for e in events}) == 1 and events[0]["audio_start_ms"] == 300
     [late] = codec.text(session, update)
     assert late.message["error"]["code"] == "session_already_started"
+
+
+@pytest.mark.parametrize("session", ['"x"', '{"audio": 3}', '{"audio": {"input": {"transcription": "x"}}}',
+                                     '{"turn_detection": {"silence_duration_ms": "500"}}',
+                                     '{"turn_detection": {"threshold": 2}}',
+                                     '{"turn_detection": {"type": "semantic_vad"}}',
+                                     '{"input_audio_transcription": {"prompt": 7}}'])
+def test_bad_realtime_settings_are_error_events(session: str) -> None:
+    codec = RealtimeCodec(ENGLISH)
+    [error] = codec.text(Session(ENGLISH), f'{{"type": "transcription_session.update", "session": {session}}}')
+    assert error.message["type"] == "error" and error.message["error"]["type"] == "invalid_request_error"
+    assert codec.turn_detection is not None and codec.transcription["prompt"] is None
