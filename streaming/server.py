@@ -1,6 +1,7 @@
 """The server's front: HTTP routes, authentication, origin checks, admission and draining for every wire
 protocol, and the scheduler they all share. Each stream runs in its wire protocol's adapter
-(:data:`WEBSOCKET_ROUTES`: :mod:`streaming.native`; :mod:`streaming.wyoming` on its own TCP port).
+(:data:`WEBSOCKET_ROUTES`: :mod:`streaming.native`, :mod:`streaming.deepgram`, :mod:`streaming.openai_realtime`;
+:mod:`streaming.wyoming` on its own TCP port).
 
 One port serves the stream endpoint (``/v1/listen``) and plain HTTP: ``/healthz`` (readiness: 503 while
 draining or full), ``/livez`` (liveness), ``/metrics`` and the browser client at ``/``. ``Server`` is the
@@ -25,7 +26,7 @@ from urllib.parse import parse_qs, urlsplit
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.http11 import Request, Response
 
-from . import __version__
+from . import __version__, deepgram, openai_realtime
 from .admission import Admission
 from .core.session import (
     DEFAULT_MAX_MESSAGE_BYTES,
@@ -37,13 +38,19 @@ from .core.session import (
 )
 from .heap import HeapTrimmer
 from .metrics import Metrics
-from .native import peer, serve_stream
+from .native import serve_stream
 from .scheduler import Runner, Scheduler, check_options
+from .websocket import peer
 
 log = logging.getLogger(__name__)
 
 # The stream endpoints, each served by its wire protocol's adapter.
-WEBSOCKET_ROUTES = {PATH: serve_stream}
+WEBSOCKET_ROUTES = {PATH: serve_stream, deepgram.PATH: deepgram.serve_stream,
+                    openai_realtime.PATH: openai_realtime.serve_stream}
+# Checks of a stream's query at the handshake: (HTTP status, JSON body) to refuse it in the API's own format.
+QueryCheck = Callable[[EngineInfo, dict[str, list[str]]], "tuple[int, dict[str, Any]] | None"]
+HANDSHAKE_CHECKS: dict[str, QueryCheck] = {deepgram.PATH: deepgram.check_query,
+                                           openai_realtime.PATH: openai_realtime.check_query}
 
 # The browser client ships in the sibling `clients` package (installed beside `streaming`).
 INDEX_PATHS = (Path(__file__).resolve().parent.parent / "clients" / "web" / "index.html",)
@@ -297,6 +304,11 @@ class Server:
                             "forbidden_origin: this origin may not open streams\n", "text/plain; charset=utf-8")
         if not self._authorized(request, query):
             return self._unauthorized(connection)
+        check = HANDSHAKE_CHECKS.get(urlsplit(request.path).path)
+        refused = check(self.info, query) if check else None
+        if refused is not None:
+            self.metrics.count_error("bad_request")
+            return _respond(connection, http.HTTPStatus(refused[0]), json.dumps(refused[1]), "application/json")
         reason = self.admit(peer(connection))
         if reason is None:
             return None
@@ -313,8 +325,9 @@ class Server:
     def _authorized(self, request: Request, query: dict[str, list[str]]) -> bool:
         if self.config.token is None:
             return True
-        header = request.headers.get("Authorization", "")
-        given = header[7:] if header[:7].lower() == "bearer " else (query.get("token") or [""])[0]
+        # "Bearer" as OAuth and OpenAI's clients send it, "Token" as Deepgram's do.
+        scheme, _, credentials = request.headers.get("Authorization", "").partition(" ")
+        given = credentials if scheme.lower() in ("bearer", "token") else (query.get("token") or [""])[0]
         return hmac.compare_digest(given.encode(), self.config.token.encode())
 
     def _unauthorized(self, connection: ServerConnection) -> Response:

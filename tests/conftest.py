@@ -7,17 +7,22 @@ import concurrent.futures
 import contextlib
 import importlib.resources
 import importlib.util
+import json
 import os
 import threading
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from types import ModuleType
 from typing import TypeVar
 
+import numpy as np
 import pytest
 import torch
 
+from streaming.audiofile import read_audio
 from streaming.engine import Engine
 from streaming.engine.model import ModelDims, Whisper
 from streaming.engine.tokenizer import Tokenizer, load_tokenizer
@@ -78,6 +83,36 @@ def scorer(shared_eval: Path) -> ModuleType:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+# The first four prompts of en_prompts.wav (34 words): speech for the API adapters' end-to-end tests.
+SPEECH_CLIP_SECONDS = 19.6
+
+
+def speech_clip(shared_eval: Path, sample_rate: int) -> tuple[bytes, dict]:
+    """The head of en_prompts.wav as s16le mono PCM at ``sample_rate``, and the reference of its segments."""
+    audio = read_audio(shared_eval / "streams" / "en_prompts.wav", sample_rate)
+    audio = audio[: int(SPEECH_CLIP_SECONDS * sample_rate)]
+    reference = json.loads((shared_eval / "streams" / "en_prompts.json").read_text(encoding="utf-8"))
+    reference["segments"] = [s for s in reference["segments"] if s["end"] <= SPEECH_CLIP_SECONDS]
+    return (np.clip(audio, -1, 1 - 2 ** -15) * 32768).astype("<i2").tobytes(), reference
+
+
+def word_error_rate(shared_eval: Path, reference: dict, text: str) -> float:
+    """The eval scorer's WER of ``text`` against ``reference``."""
+    return scorer(shared_eval).score(reference, [{"type": "final", "t": 0.0, "text": text}])["wer"]
+
+
+def refused_handshake(url: str) -> tuple[int, dict]:
+    """The HTTP status and JSON body with which the server refuses a WebSocket handshake for ``url``."""
+    request = urllib.request.Request(url, headers={"Connection": "Upgrade", "Upgrade": "websocket",
+                                                   "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
+                                                   "Sec-WebSocket-Version": "13"})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            raise AssertionError(f"the handshake for {url} was accepted ({response.status})")
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
 
 
 @pytest.fixture(scope="session")

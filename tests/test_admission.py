@@ -9,8 +9,8 @@ import pytest
 
 from streaming.admission import Admission
 from streaming.core.session import Close, Send
-from streaming.native import LAG_MESSAGES, MAX_OUTBOX, _Outbox
 from streaming.server import RefusalLog
+from streaming.websocket import LAG_MESSAGES, MAX_OUTBOX, _Outbox
 
 
 class Clock:
