@@ -12,7 +12,7 @@ from ..core.vad import SpeechAudio, VadConfig, VoiceActivityDetector
 from .alignment import find_alignment
 from .decoding import DecodingOptions, DecodingResult, FallbackPolicy, decode_with_fallback, detect_language, prefill
 from .engine import Engine
-from .mel import FRAMES_PER_SECOND, HOP_LENGTH, N_FRAMES, N_SAMPLES, SAMPLE_RATE
+from .mel import FRAMES_PER_SECOND, HOP_LENGTH, N_FRAMES, N_SAMPLES, SAMPLE_RATE, pad_or_trim
 
 SECONDS_PER_TOKEN = 0.02
 SILENCE_PEAK = 1e-3  # a window whose samples all stay below this (-60 dBFS) is digital silence: not decoded
@@ -110,7 +110,8 @@ def transcribe(engine: Engine, audio: np.ndarray, options: TranscribeOptions = T
         if len(chunk) == 0 or float(abs(chunk).max()) < SILENCE_PEAK:  # Whisper hallucinates on silence
             advance(window, (), None, window, "silence")
             continue
-        features = engine.encode(mel[:, seek: seek + N_FRAMES])
+        # a short (last) window is padded with zeros of the normalised mel, as Whisper and faster-whisper pad it
+        features = engine.encode(pad_or_trim(mel[:, seek: seek + window], N_FRAMES))
         opts = replace(base, prompt=tuple(history) if options.condition_on_previous_text else ())
         start = prefill(engine.model, tokenizer, features, opts)
         result = decode_with_fallback(engine.model, tokenizer, features, opts, options.policy, start)
