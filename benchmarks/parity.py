@@ -54,8 +54,8 @@ CAUSES = {
     "sampling": "both sampled at temperature > 0 (random)",
     "ct2_rules": "faster-whisper's token is not what its logits give under the reference logit rules",
     "timestamp_rule_tie": "the rule 'timestamp mass > best text token forces a timestamp' flips on a near tie",
-    "mel_padding": "the choice flips with faster-whisper's mel in a short (last) window, which both pad with zeros "
-                   "of the normalised mel, as openai/whisper",
+    "mel_padding": "the choice flips with faster-whisper's mel: a short (last) window, which ours pads with the "
+                   "log-mel floor (the silence after the audio) and faster-whisper, as openai/whisper, with zeros",
     "mel": "the choice flips with faster-whisper's mel (front-end float differences in a full window)",
     "encoder_numerics": "the choice flips with faster-whisper's encoder output (float differences)",
     "near_tie": "decoder float differences flip a near tie",

@@ -9,7 +9,6 @@ import re
 import wave
 from dataclasses import replace
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -476,51 +475,3 @@ def test_translate_task(base_engine, spanish_features) -> None:
     spanish = words_of(decode(base_engine.model, base_engine.tokenizer("es"), spanish_features,
                               replace(options, task="transcribe")).text)
     assert "nombre" in spanish
-
-
-# ---------------------------------------------------------------- beam search bookkeeping (no model)
-
-
-class _MarkovDecoder:
-    """A decoder whose next-token probabilities depend only on the last token (``table``: token -> probs)."""
-
-    def __init__(self, table: dict[int, dict[int, float]], vocab: int) -> None:
-        self.rows = {t: self.row(p, vocab) for t, p in table.items()}
-
-    @staticmethod
-    def row(probs: dict[int, float], vocab: int) -> torch.Tensor:
-        logits = torch.full((vocab,), -float("inf"))
-        for token, p in probs.items():
-            logits[token] = float(np.log(p))
-        return logits
-
-    def __call__(self, tokens: torch.Tensor, cache):
-        return torch.stack([self.rows[int(t)] for t in tokens[:, -1]])[:, None], cache, None
-
-
-class _Cache:
-    def select(self, index: torch.Tensor) -> _Cache:
-        return self
-
-
-def test_beam_search_ends_only_hypotheses_within_the_beam() -> None:
-    """As CTranslate2 (faster-whisper) searches: eot ends a hypothesis only among the beam_size best candidates.
-    At step 1 the candidates rank a.eot, a.c, b.eot, b.d: Whisper's search would also end b (two ended: stop,
-    best "a"); here the search goes on and "a c" ends with a better score per token."""
-    s, a, b, c, d, e, eot = range(7)
-    table = {s: {a: 0.5, b: 0.3, eot: 0.2}, a: {eot: 0.6, c: 0.4}, b: {eot: 0.6, d: 0.4},
-             c: {eot: 0.99, e: 0.01}, d: {eot: 0.99, e: 0.01}}
-    decoder = _MarkovDecoder(table, vocab=7)
-    start = SimpleNamespace(initial=[s], cache=_Cache(), last_logits=decoder.rows[s])
-    rules = SimpleNamespace(apply=lambda logits, seqs: None)
-    model = SimpleNamespace(decoder=decoder)
-    tokens, sum_lp, _ = decoding._beam_search(model, rules, start, DecodingOptions(beam_size=2), eot, 10)
-    assert tokens == [a, c, eot]
-    assert sum_lp == pytest.approx(float(np.log(0.5 * 0.4 * 0.99)), abs=1e-5)
-
-
-def test_finished_hypotheses_are_ranked_per_token_without_eot() -> None:
-    eot = 9
-    assert decoding._score(-1.0, [5, eot], eot, None) == -1.0  # one token sampled before eot
-    assert decoding._score(-1.0, [5, 6], eot, None) == -0.5  # cut at the sample length: no eot
-    assert decoding._score(-1.0, [eot], eot, None) == -1.0

@@ -15,8 +15,8 @@ pytestmark = [pytest.mark.real_model, pytest.mark.usefixtures("one_thread")]
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 EXPLAINED = {
-    # A short last window: both engines pad the normalised mel with zeros (as openai/whisper's transcribe), so a
-    # flip there is front-end float noise in the frames before the padding.
+    # Our short last window is padded with the spectrogram's floor (the silence after the audio, as Whisper was
+    # trained); faster-whisper, like openai/whisper's transcribe, pads the normalised mel with zeros.
     "mel_padding": "short-window padding",
     # Float differences between two correct float32 implementations.
     "mel": "front-end float noise",

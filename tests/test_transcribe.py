@@ -305,11 +305,3 @@ def test_silence_yields_no_segments(engine) -> None:
                      lambda done, total: calls.append(done))
     assert out.segments == [] and out.text == ""
     assert calls == [10.0]
-
-
-def test_the_prompt_leaves_out_an_open_last_segment() -> None:
-    closed = [TB, 1, TB + 100, TB + 100, 2, TB + 200]
-    assert tr._prompt_tokens(closed + [TB + 200, 3], TB) == closed  # decoded again from <|4.00|>
-    assert tr._prompt_tokens(closed + [TB + 200], TB) == closed
-    assert tr._prompt_tokens(closed, TB) == closed  # a single timestamp ends it: nothing open
-    assert tr._prompt_tokens([TB, 1, 2], TB) == [TB, 1, 2]  # no pairs: one segment, whole

@@ -286,10 +286,7 @@ def _result(tokenizer: Tokenizer, options: DecodingOptions, start: Prefill, toke
                           options.temperature, compression_ratio(text), probs)
 
 
-def _score(sum_logprob: float, tokens: list[int], eot: int, penalty: float | None) -> float:
-    """A finished hypothesis's rank: its log-probability (eot's included) per token sampled, eot not counted,
-    as Whisper and CTranslate2 rank them; with ``penalty``, Whisper's length penalty instead."""
-    length = len(tokens) - (bool(tokens) and tokens[-1] == eot)
+def _score(sum_logprob: float, length: int, penalty: float | None) -> float:
     if penalty is None:
         return sum_logprob / max(length, 1)
     return sum_logprob / (((5 + length) / 6) ** penalty)
@@ -327,20 +324,13 @@ def _sample(model, rules, start, options, eot, sample_len):
         step, cache, _ = model.decoder(feed, cache)
         logits = step[:, -1]
     sample_begin = len(start.initial)
-    scores = [_score(float(sum_lp[i]), seqs[i][sample_begin:], eot, options.length_penalty) for i in range(n)]
+    scores = [_score(float(sum_lp[i]), len(seqs[i]) - sample_begin, options.length_penalty) for i in range(n)]
     best = max(range(n), key=scores.__getitem__)
     return seqs[best][sample_begin:], float(sum_lp[best]), probs[best]
 
 
 def _beam_search(model, rules, start, options, eot, sample_len):
-    """Beam search for one audio window, with CTranslate2's bookkeeping (as faster-whisper runs it).
-
-    Each step ranks every (beam, next token) by total log-probability. A hypothesis ends when eot is among
-    the ``beam_size`` best candidates (not further down the ranking: an ending that would not have made
-    the beam is not one); the beams going on are the ``beam_size`` best candidates other than eot. The search
-    stops once ``round(beam_size * patience)`` hypotheses have ended; the best of them by log-probability
-    per token (eot not counted) wins.
-    """
+    """Beam search for one audio window; finished hypotheses are ranked by length-normalised score."""
     beam = options.beam_size
     sample_begin = len(start.initial)
     device = start.last_logits.device
@@ -362,12 +352,13 @@ def _beam_search(model, rules, start, options, eot, sample_len):
                 candidates.append((sum_lps[i] + lp, i, tok, lp))
         candidates.sort(key=lambda c: -c[0])
         new_seqs, new_lps, new_probs, sources = [], [], [], []
-        for rank, (total, i, tok, lp) in enumerate(candidates):
+        for total, i, tok, lp in candidates:
+            seq = seqs[i] + [tok]
             if tok == eot:
-                if rank < beam:
-                    finished.append((seqs[i] + [tok], total, probs[i] + [math.exp(lp)]))
+                if len(finished) < max_finished:
+                    finished.append((seq, total, probs[i] + [math.exp(lp)]))
                 continue
-            new_seqs.append(seqs[i] + [tok])
+            new_seqs.append(seq)
             new_lps.append(total)
             new_probs.append(probs[i] + [math.exp(lp)])
             sources.append(i)
@@ -381,7 +372,7 @@ def _beam_search(model, rules, start, options, eot, sample_len):
         logits = step_logits[:, -1]
     if not finished:
         finished = [(s, lp, p) for s, lp, p in zip(new_seqs or seqs, new_lps or sum_lps, new_probs or probs)]
-    best = max(finished, key=lambda f: _score(f[1], f[0][sample_begin:], eot, options.length_penalty))
+    best = max(finished, key=lambda f: _score(f[1], len(f[0]) - sample_begin, options.length_penalty))
     return best[0][sample_begin:], best[1], best[2]
 
 

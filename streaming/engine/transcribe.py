@@ -12,7 +12,7 @@ from ..core.vad import SpeechAudio, VadConfig, VoiceActivityDetector
 from .alignment import find_alignment
 from .decoding import DecodingOptions, DecodingResult, FallbackPolicy, decode_with_fallback, detect_language, prefill
 from .engine import Engine
-from .mel import FRAMES_PER_SECOND, HOP_LENGTH, N_FRAMES, N_SAMPLES, SAMPLE_RATE, pad_or_trim
+from .mel import FRAMES_PER_SECOND, HOP_LENGTH, N_FRAMES, N_SAMPLES, SAMPLE_RATE
 
 SECONDS_PER_TOKEN = 0.02
 SILENCE_PEAK = 1e-3  # a window whose samples all stay below this (-60 dBFS) is digital silence: not decoded
@@ -110,8 +110,7 @@ def transcribe(engine: Engine, audio: np.ndarray, options: TranscribeOptions = T
         if len(chunk) == 0 or float(abs(chunk).max()) < SILENCE_PEAK:  # Whisper hallucinates on silence
             advance(window, (), None, window, "silence")
             continue
-        # a short (last) window is padded with zeros of the normalised mel, as Whisper and faster-whisper pad it
-        features = engine.encode(pad_or_trim(mel[:, seek: seek + window], N_FRAMES))
+        features = engine.encode(mel[:, seek: seek + N_FRAMES])
         opts = replace(base, prompt=tuple(history) if options.condition_on_previous_text else ())
         start = prefill(engine.model, tokenizer, features, opts)
         result = decode_with_fallback(engine.model, tokenizer, features, opts, options.policy, start)
@@ -133,7 +132,7 @@ def transcribe(engine: Engine, audio: np.ndarray, options: TranscribeOptions = T
                                     result.temperature))
         if options.word_timestamps:
             _add_words(engine, tokenizer, features, [s for s in segments if s.start >= offset], window, offset)
-        history += _prompt_tokens(result.tokens, tokenizer.timestamp_begin)
+        history += result.tokens  # with its timestamps, as Whisper conditions on (text alone: no timestamps next)
         if result.temperature > 0.5:  # do not condition the next window on a high-temperature guess
             history = []
         advance(window, opts.prompt, result, consumed)
@@ -177,15 +176,6 @@ def _split_segments(tokens: list[int], tb: int, window: int,
     start = min((tokens[0] - tb) * SECONDS_PER_TOKEN, end) if tokens and is_ts[0] else 0.0
     text = [t for t in tokens if t < tb]
     return ([(text, start, end)] if text else []), consumed_at_end() if single_ending and text else window
-
-
-def _prompt_tokens(tokens: list[int], tb: int) -> list[int]:
-    """What a window passes on to the next one's prompt, as Whisper does: its tokens with their timestamps (text
-    alone makes the next window decode without timestamps), less a last segment left open after timestamp pairs
-    (the next window starts there and decodes that audio again)."""
-    cuts = [i for i in range(1, len(tokens)) if tokens[i] >= tb and tokens[i - 1] >= tb]
-    single_ending = len(tokens) >= 2 and tokens[-2] < tb <= tokens[-1]
-    return tokens[: cuts[-1]] if cuts and not single_ending else tokens
 
 
 def _speech_seconds(audio: np.ndarray) -> float:
