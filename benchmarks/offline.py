@@ -3,9 +3,10 @@
 Usage: python benchmarks/offline.py [--streams en_prompts en_mixed] [--beam-size 5] [--threads 2]
                                    [--start 0 23 32] [--show-text] [--dtype bfloat16] [--model base]
 Each engine runs in its own process so that peak memory (max RSS) is its own. ``--dtype`` and ``--model``
-apply to our engine (default float32 and tiny.en; ``auto`` is what ``serve`` uses); faster-whisper runs
-tiny.en. ``--start`` transcribes
-each stream from those seconds on (cut in the silence before a clip; scored against the clips after it).
+apply to our engine (default float32 and tiny.en; ``auto`` is what ``serve`` uses); faster-whisper runs the
+same model files, told the language of an English-only model and detecting it otherwise, as ours does.
+``--start`` transcribes each stream from those seconds on (cut in the silence before a clip; scored against the
+clips after it). ``--streams`` takes eval stream names or paths of NAME.json files (the held-out streams).
 """
 
 from __future__ import annotations
@@ -34,18 +35,16 @@ def run_engine(engine: str, stream: str, beam: int, threads: int, start: float =
         started = time.perf_counter()
         text = transcribe(model, audio, TranscribeOptions(beam_size=beam, best_of=beam)).text
     else:
-        import importlib.resources
-
         from faster_whisper import WhisperModel
+        from parity import model_files  # the same weights as ours
 
-        from streaming.engine.weights import NAMED_MODELS  # the same tiny.en weights
-
-        package, sub, _, _ = NAMED_MODELS["tiny.en"]
-        path = str(importlib.resources.files(package) / sub)
+        source = model_files(model_name)
         compute = engine.split("-")[-1]
-        model = WhisperModel(path, device="cpu", compute_type=compute, cpu_threads=threads)
+        model = WhisperModel(source if isinstance(source, str) else model_name, device="cpu", compute_type=compute,
+                             cpu_threads=threads, files=None if isinstance(source, str) else source)
         started = time.perf_counter()
-        segments, _ = model.transcribe(audio, beam_size=beam, language="en")
+        # an English-only model is told its language; a multilingual one detects it, as ours does
+        segments, _ = model.transcribe(audio, beam_size=beam, language="en" if model_name.endswith(".en") else None)
         text = " ".join(s.text for s in segments)
     elapsed = time.perf_counter() - started
     result = score_text(reference, text)
@@ -66,7 +65,7 @@ def main() -> None:
                         help="transcribe from these seconds of each stream on (default: 0)")
     parser.add_argument("--show-text", action="store_true", help="print each transcript")
     parser.add_argument("--dtype", default="float32", help="our engine's dtype: float32, bfloat16 or auto")
-    parser.add_argument("--model", default="tiny.en", help="our engine's model (faster-whisper runs tiny.en)")
+    parser.add_argument("--model", default="tiny.en", help="the model of both engines (tiny.en or base)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
