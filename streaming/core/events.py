@@ -34,20 +34,23 @@ class Partial:
 
 @dataclass(frozen=True)
 class Final:
-    """Committed, append-only text of segment ``segment`` with its words."""
+    """Committed, append-only text of segment ``segment`` with its words; ``speaker`` labels them all (with
+    speaker labels on; None otherwise)."""
 
     segment: int
     text: str
     start: float
     end: float
     words: tuple[Word, ...]
+    speaker: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Wire JSON object."""
-        words = [{"word": w.text, "start": _t(w.start), "end": _t(w.end), "probability": _p(w.probability)}
+        label = {} if self.speaker is None else {"speaker": self.speaker}
+        words = [{"word": w.text, "start": _t(w.start), "end": _t(w.end), "probability": _p(w.probability), **label}
                  for w in self.words]
         return {"type": "final", "segment": self.segment, "text": self.text,
-                "start": _t(self.start), "end": _t(self.end), "words": words}
+                "start": _t(self.start), "end": _t(self.end), **label, "words": words}
 
 
 @dataclass(frozen=True)
