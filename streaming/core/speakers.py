@@ -29,6 +29,8 @@ from .agreement import Word
 from .messages import EmbedReply, EmbedRequest
 from .vad import SAMPLE_RATE, VadConfig
 
+# How to install the speaker encoder's weights (engine side): one home for the hint every error names.
+SPEAKER_ENCODER_INSTALL = "pip install --no-deps resemblyzer==0.1.4"
 FRAME = SAMPLE_RATE // 100  # 10 ms: the level of each frame decides speech or pause
 PAUSE_SECONDS = 0.2  # this much quiet between two stretches of speech splits them into pieces
 DECIDE_SECONDS = 1.6  # a piece's label is decided on its first 1.6 s (one partial of the speaker encoder)

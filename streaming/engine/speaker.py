@@ -20,9 +20,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..core.speakers import SPEAKER_ENCODER_INSTALL
 from .mel import mel_filters
 
-INSTALL_HINT = "pip install --no-deps resemblyzer==0.1.4"
 SAMPLE_RATE = 16000
 N_MELS = 40
 WINDOW = 400  # 25 ms
@@ -45,8 +45,18 @@ def weights_path() -> Path:
     spec = importlib.util.find_spec("resemblyzer")
     path = Path(next(iter(spec.submodule_search_locations or ()), "")) / "pretrained.pt" if spec else None
     if path is None or not path.is_file():
-        raise SpeakerModelMissing(f"speaker labels need the GE2E speaker encoder's weights: {INSTALL_HINT}")
+        raise SpeakerModelMissing(f"speaker labels need the GE2E speaker encoder's weights; install them with: "
+                                  f"{SPEAKER_ENCODER_INSTALL}")
     return path
+
+
+def available() -> bool:
+    """Whether the speaker encoder's weights are installed."""
+    try:
+        weights_path()
+    except SpeakerModelMissing:
+        return False
+    return True
 
 
 def _level(audio: np.ndarray) -> np.ndarray:
