@@ -11,10 +11,13 @@ over each other) is out of scope; a piece is the speech between two pauses. Its 
 words need it sooner; the rest of the piece keeps that label and refines the speaker's centroid.
 
 Thresholds, measured with the GE2E encoder (:mod:`streaming.engine.speaker`) on the en_mixed clips (8 voices)
-and 30 en_prompts clips (one voice), a piece against the centroid of up to 6 other pieces of each voice: for
+and 30 en_prompts clips (one voice). A piece against the centroid of up to 6 other pieces of each voice: for
 1 to 3 s pieces, same-voice cosines have their 5th percentile at 0.67 to 0.87 and different-voice cosines
-their 95th at 0.60 to 0.65; the fewest errors are at 0.65 for every length from 1 s. Pieces of 0.5 s are
-unreliable (8 % error at best), so pieces under ``MIN_NEW_SECONDS`` never start a new speaker.
+their 95th at 0.60 to 0.65; the fewest errors (1 to 3 %) are at 0.65 for every length from 1 s. A 1.2 s
+piece against the centroid of 1, 2, 3 and 6 pieces of 1 s: the fewest errors are at 0.58, 0.67, 0.64 and
+0.66: a centroid of one short piece is a noisier voice print, so a speaker heard for less than
+``SETTLED_SECONDS`` is compared with ``SAME_SPEAKER_EARLY``. Pieces of 0.5 s are unreliable (8 % error at
+best), so pieces under ``MIN_NEW_SECONDS`` never start a new speaker.
 """
 
 from __future__ import annotations
@@ -37,18 +40,20 @@ DECIDE_SECONDS = 1.6  # a piece's label is decided on its first 1.6 s (one parti
 REFINE_SECONDS = 3.2  # later audio of a piece is embedded in stretches this long to refine its speaker's centroid
 MIN_REFINE_SECONDS = 1.0  # a shorter last stretch is not embedded
 SAME_SPEAKER = 0.65  # cosine similarity of a piece to a speaker's centroid from which it is that speaker
+SAME_SPEAKER_EARLY = 0.58  # the same, for a speaker heard for less than SETTLED_SECONDS
+SETTLED_SECONDS = 2.0
 MIN_NEW_SECONDS = 1.0  # a piece shorter than this never starts a new speaker
 STAY_MARGIN = 0.05  # after a pause in an utterance, the speaker before it stays unless another is this much closer
 
 
 class SpeakerClusters:
     """Online clustering of speaker embeddings: each speaker is the duration-weighted mean direction of the
-    embeddings assigned to it; an embedding is a new speaker when no centroid is ``threshold`` close."""
+    embeddings assigned to it; an embedding is a new speaker when no centroid is close enough
+    (``SAME_SPEAKER``, or ``SAME_SPEAKER_EARLY`` for a speaker with less than ``SETTLED_SECONDS`` of speech)."""
 
-    def __init__(self, threshold: float = SAME_SPEAKER, min_new_seconds: float = MIN_NEW_SECONDS,
-                 stay_margin: float = STAY_MARGIN) -> None:
-        self.threshold, self.min_new_seconds, self.stay_margin = threshold, min_new_seconds, stay_margin
+    def __init__(self) -> None:
         self._sums: list[np.ndarray] = []
+        self._seconds: list[float] = []
 
     def __len__(self) -> int:
         return len(self._sums)
@@ -60,28 +65,35 @@ class SpeakerClusters:
         sums = np.stack(self._sums)
         return sums @ _unit(embedding) / np.maximum(np.linalg.norm(sums, axis=1), 1e-12)
 
+    def close(self, embedding: np.ndarray) -> np.ndarray:
+        """Which speakers ``embedding`` is close enough to."""
+        early = np.array(self._seconds) < SETTLED_SECONDS
+        return self.similarities(embedding) >= np.where(early, SAME_SPEAKER_EARLY, SAME_SPEAKER)
+
     def assign(self, embedding: np.ndarray, seconds: float, previous: int | None = None) -> int:
         """The speaker of a piece of ``seconds`` of speech; ``previous`` is the speaker just before it in the
         same utterance (kept unless another one is clearly closer). A piece close enough to its speaker, or
         the first of a new one, refines that speaker's centroid."""
-        sims = self.similarities(embedding)
-        best = int(np.argmax(sims)) if sims.size else None
-        if best is None or (sims[best] < self.threshold and seconds >= self.min_new_seconds):
-            self._sums.append(_unit(embedding) * seconds)
-            return len(self._sums) - 1
-        if previous is not None and sims[previous] >= max(self.threshold, sims[best] - self.stay_margin):
-            label = previous
-        elif sims[best] >= self.threshold or previous is None:
-            label = best
+        sims, close = self.similarities(embedding), self.close(embedding)
+        if not sims.size or (not close.any() and seconds >= MIN_NEW_SECONDS):
+            self._sums.append(np.zeros_like(_unit(embedding)))
+            self._seconds.append(0.0)
+            label = len(self._sums) - 1
+        elif close.any():
+            best = int(np.argmax(np.where(close, sims, -np.inf)))
+            stays = previous is not None and close[previous] and sims[previous] >= sims[best] - STAY_MARGIN
+            label = previous if stays else best
         else:
-            label = previous
+            label = previous if previous is not None else int(np.argmax(sims))
         self.refine(label, embedding, seconds)
         return label
 
     def refine(self, label: int, embedding: np.ndarray, seconds: float) -> None:
-        """Add more of speaker ``label``'s speech to its centroid, if it sounds like that speaker."""
-        if self.similarities(embedding)[label] >= self.threshold:
+        """Add more of speaker ``label``'s speech to its centroid, if it sounds like that speaker (a new
+        speaker's first piece always does)."""
+        if not self._seconds[label] or self.close(embedding)[label]:
             self._sums[label] = self._sums[label] + _unit(embedding) * seconds
+            self._seconds[label] += seconds
 
 
 def _unit(vector: np.ndarray) -> np.ndarray:
