@@ -22,6 +22,7 @@ best), so pieces under ``MIN_NEW_SECONDS`` never start a new speaker.
 
 from __future__ import annotations
 
+import bisect
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -202,7 +203,8 @@ class SpeakerTracker:
     def labels(self, words: Sequence[Word]) -> list[int] | None:
         """The speaker of each word (of the piece it was said in, or the nearest), or None while one of those
         pieces is still undecided: its deciding stretch is then sent without waiting for more audio."""
-        pieces = [self._piece_of(w) for w in words]
+        starts = [p.start for p in self._pieces]
+        pieces = [self._piece_of(w, starts) for w in words]
         waiting = [p for p in pieces if p is not None and p.label is None]
         for piece in waiting:
             if not piece.deciding:
@@ -259,7 +261,9 @@ class SpeakerTracker:
         piece.sent_to = piece.end
         piece.deciding = piece.deciding or decides
 
-    def _piece_of(self, word: Word) -> _Piece | None:
-        """The piece holding the middle of ``word``, else the nearest one."""
+    def _piece_of(self, word: Word, starts: list[int]) -> _Piece | None:
+        """The piece holding the middle of ``word``, else the nearest one (``starts``: the pieces' starts)."""
         middle = (word.start + word.end) / 2 * SAMPLE_RATE
-        return min(self._pieces, key=lambda p: max(p.start - middle, middle - p.end, 0.0), default=None)
+        after = bisect.bisect_right(starts, middle)
+        near = self._pieces[max(0, after - 1): after + 1]
+        return min(near, key=lambda p: max(p.start - middle, middle - p.end, 0.0), default=None)
