@@ -186,6 +186,15 @@ def test_a_long_piece_is_decided_on_its_first_seconds_and_words_wait_for_their_l
         tracker.complete(request, EmbedReply(np.zeros((1, 2))))
 
 
+def test_labels_count_in_the_order_words_are_labelled_so_noise_before_speech_takes_no_number() -> None:
+    tracker = SpeakerTracker()
+    feed_tracker(tracker, np.concatenate([voice(1.2, HIGH), silence(0.5), voice(1.2, LOW)]))
+    tracker.end_utterance()
+    embed_all(tracker)  # the clusters: HIGH first, LOW second
+    assert tracker.labels([Word(" low", 2.0, 2.4, 0.9)]) == [0]
+    assert tracker.labels([Word(" high", 0.2, 0.6, 0.9), Word(" low", 2.0, 2.4, 0.9)]) == [1, 0]
+
+
 # --- the stream core -------------------------------------------------------------------------------------
 
 

@@ -135,7 +135,9 @@ class SpeakerTracker:
         self._pieces: list[_Piece] = []
         self._open: _Piece | None = None
         self._last: _Piece | None = None  # the current utterance's last piece
-        self._latest = 0  # the latest label decided: for words said where no speech was heard
+        self._latest = 0  # the latest speaker decided: for words said where no speech was heard
+        self._public: dict[int, int] = {}  # speaker -> label: numbered as they first label words (noise heard
+        # before anyone speaks, a speaker of its own, takes no number)
         self._audio: list[np.ndarray] = []  # the open piece's audio from its `sent_to` on, in frames
         self._pos: int | None = None  # the sample after the last one fed, None between utterances
         self._rest = np.zeros(0, np.float32)  # the start of a frame
@@ -201,8 +203,9 @@ class SpeakerTracker:
         return bool(self._queued) or self._in_flight is not None
 
     def labels(self, words: Sequence[Word]) -> list[int] | None:
-        """The speaker of each word (of the piece it was said in, or the nearest), or None while one of those
-        pieces is still undecided: its deciding stretch is then sent without waiting for more audio."""
+        """The speaker label of each word (of the piece it was said in, or the nearest; labels count from 0 in the
+        order speakers are first asked for), or None while one of those pieces is still undecided: its deciding
+        stretch is then sent without waiting for more audio."""
         starts = [p.start for p in self._pieces]
         pieces = [self._piece_of(w, starts) for w in words]
         waiting = [p for p in pieces if p is not None and p.label is None]
@@ -211,7 +214,8 @@ class SpeakerTracker:
                 self._send(piece, decides=True)
         if waiting:
             return None
-        return [p.label if p is not None else self._latest for p in pieces]
+        speakers = [p.label if p is not None else self._latest for p in pieces]
+        return [self._public.setdefault(s, len(self._public)) for s in speakers]
 
     def forget(self, before: float) -> None:
         """Drop the pieces that end before ``before`` seconds (no word still to be labelled lies there), but
