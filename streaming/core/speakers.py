@@ -11,13 +11,13 @@ over each other) is out of scope; a piece is the speech between two pauses. Its 
 words need it sooner; the rest of the piece keeps that label and refines the speaker's centroid.
 
 Thresholds, measured with the GE2E encoder (:mod:`streaming.engine.speaker`) on the en_mixed clips (8 voices)
-and 30 en_prompts clips (one voice). A piece against the centroid of up to 6 other pieces of each voice: for
-1 to 3 s pieces, same-voice cosines have their 5th percentile at 0.67 to 0.87 and different-voice cosines
-their 95th at 0.60 to 0.65; the fewest errors (1 to 3 %) are at 0.65 for every length from 1 s. A 1.2 s
-piece against the centroid of 1, 2, 3 and 6 pieces of 1 s: the fewest errors are at 0.58, 0.67, 0.64 and
-0.66: a centroid of one short piece is a noisier voice print, so a speaker heard for less than
-``SETTLED_SECONDS`` is compared with ``SAME_SPEAKER_EARLY``. Pieces of 0.5 s are unreliable (8 % error at
-best), so pieces under ``MIN_NEW_SECONDS`` never start a new speaker.
+and 30 en_prompts clips (one voice), ``python benchmarks/diarize_eval.py --similarities``. A piece against the
+centroid of up to 6 other pieces of each voice: for 1 to 3 s pieces, same-voice cosines have their 5th
+percentile at 0.67 to 0.87 and different-voice cosines their 95th at 0.60 to 0.65; the fewest errors (0 to
+3 %) are at 0.65 for every length from 1 s. A 1.2 s piece against the centroid of 1, 2, 3 and 6 pieces of
+1 s: the fewest errors are at 0.58, 0.63, 0.62 and 0.66: a centroid of one short piece is a noisier voice
+print, so a speaker heard for less than ``SETTLED_SECONDS`` is compared with ``SAME_SPEAKER_EARLY``. Pieces
+of 0.5 s are unreliable (7.6 % error at best), so pieces under ``MIN_NEW_SECONDS`` never start a new speaker.
 """
 
 from __future__ import annotations
