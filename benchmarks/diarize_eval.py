@@ -5,7 +5,8 @@
   mapping of labels to the reference's speakers (a word whose label maps to no speaker counts as wrong);
 - the number of labels against the number of true speakers;
 - WER and final-word latency (p50, p90) with and without labels;
-- the CPU seconds of the speaker embeddings per second of audio.
+- the CPU seconds of the speaker embeddings per second of audio, and the wall-clock time of each embedding
+  request (p50 and max: a final waits for at most one).
 
 ``--speed 0`` (default) plays as fast as possible and stamps events with the audio time fed so far, so
 latency there counts no computation; ``--speed 1`` plays in real time on the wall clock (see stream_eval.py).
@@ -19,6 +20,7 @@ Two more modes need no Whisper model:
   streams, as seconds of each reference voice per label.
 
 Usage: python benchmarks/diarize_eval.py [--stream en_meeting] [--speed 0] [--model tiny.en] [--threads 1]
+                                         [--repeats 1]
        python benchmarks/diarize_eval.py --similarities
        python benchmarks/diarize_eval.py --labels-only en_meeting en_mixed en_prompts en_continuous
 """
@@ -181,6 +183,8 @@ def main() -> None:
     parser.add_argument("--dtype", default="auto", help="auto (what serve uses), float32, bfloat16 or float16")
     parser.add_argument("--speed", type=float, default=0.0, help="0 = as fast as possible (default); 1 = real time")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="alternate off and on this many times and add the medians (real time on a busy machine)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "out"))
     parser.add_argument("--similarities", action="store_true", help="measure the cosine distributions only")
     parser.add_argument("--labels-only", nargs="+", metavar="STREAM", help="label these streams' voices only")
@@ -201,19 +205,27 @@ def main() -> None:
     print(f"# speaker labels, {name}, {args.model} {engine.dtype_name}, speed {args.speed or 'max'}, "
           f"{args.threads} thread(s), {machine()}")
     print(f"{'diarize':<8} {'WER %':>6} {'p50 s':>6} {'p90 s':>6} {'right labels %':>15} {'labels/true':>12} "
-          f"{'embed cpu s/audio s':>20}")
-    for diarize in (False, True):
+          f"{'embed cpu s/audio s':>20} {'requests':>9} {'ms p50/max':>11}")
+    latencies: dict[bool, list[tuple[float, float]]] = {False: [], True: []}
+    for diarize in [False, True] * args.repeats:
         log, stats = play(engine, audio, StreamOptions(language=reference.get("language"), diarize=diarize),
                           args.speed)
         (out / f"{name}{'_diarize' if diarize else ''}.jsonl").write_text("".join(json.dumps(e) + "\n" for e in log))
         result = scorer().score(reference, log)
-        labels = "-" * 15, "-" * 12, "-" * 20
+        latencies[diarize].append((result["latency_p50"], result["latency_p90"]))
+        labels = "-" * 15, "-" * 12, "-" * 20, "-" * 9, "-" * 11
         if diarize:
-            accuracy = speaker_accuracy(reference, log)
+            accuracy, wall = speaker_accuracy(reference, log), stats["embed_wall_seconds"]
             labels = (f"{100 * accuracy['right']:15.1f}", f"{accuracy['labels']:>5}/{accuracy['speakers']:<6}",
-                      f"{stats['embed_cpu_seconds'] / stats['audio_seconds']:20.4f}")
+                      f"{stats['embed_cpu_seconds'] / stats['audio_seconds']:20.4f}", f"{len(wall):9}",
+                      f"{1000 * np.median(wall):5.0f}/{1000 * max(wall):<5.0f}")
         print(f"{'on' if diarize else 'off':<8} {100 * result['wer']:6.2f} {result['latency_p50']:6.2f} "
-              f"{result['latency_p90']:6.2f} {labels[0]} {labels[1]:>12} {labels[2]}", flush=True)
+              f"{result['latency_p90']:6.2f} {labels[0]} {labels[1]:>12} {labels[2]} {labels[3]} {labels[4]:>11}",
+              flush=True)
+    if args.repeats > 1:
+        for diarize, runs in latencies.items():
+            p50, p90 = np.median(runs, axis=0)
+            print(f"{'on' if diarize else 'off':<8} median of {args.repeats} runs: p50 {p50:.2f} s, p90 {p90:.2f} s")
 
 
 if __name__ == "__main__":

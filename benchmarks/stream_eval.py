@@ -36,19 +36,20 @@ def cpu_seconds() -> float:
 
 def play(engine: Engine, audio: np.ndarray, options: StreamOptions, speed: float = 1.0) -> tuple[list[dict], dict]:
     """Stream ``audio`` through a fresh recogniser; returns the event log and run statistics (``embed_cpu_seconds``:
-    the CPU time of the speaker embeddings)."""
+    the CPU time of the speaker embeddings, ``embed_wall_seconds``: the wall-clock time of each embedding request)."""
     core = StreamCore(options, engine.multilingual)
     log: list[dict] = []
     sent = 0
     started, cpu_start = time.perf_counter(), cpu_seconds()
-    decodes, embed_cpu = 0, 0.0
+    decodes, embed_cpu, embed_wall = 0, 0.0, []
 
     def run(request):
         nonlocal decodes, embed_cpu
-        before = cpu_seconds()
+        before, wall = cpu_seconds(), time.perf_counter()
         reply = run_request(engine, request)
         if isinstance(request, EmbedRequest):
             embed_cpu += cpu_seconds() - before
+            embed_wall.append(time.perf_counter() - wall)
         else:
             decodes += 1
         return reply
@@ -80,7 +81,8 @@ def play(engine: Engine, audio: np.ndarray, options: StreamOptions, speed: float
     while (request := core.next_request()) is not None:
         record(core.complete(request, run(request)))
     stats = {"audio_seconds": len(audio) / 16000, "wall_seconds": time.perf_counter() - started,
-             "cpu_seconds": cpu_seconds() - cpu_start, "decodes": decodes, "embed_cpu_seconds": embed_cpu}
+             "cpu_seconds": cpu_seconds() - cpu_start, "decodes": decodes, "embed_cpu_seconds": embed_cpu,
+             "embed_wall_seconds": embed_wall}
     return log, stats
 
 

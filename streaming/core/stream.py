@@ -119,19 +119,30 @@ class StreamCore:
 
     def feed(self, audio: np.ndarray) -> list[Event]:
         """Add 16 kHz mono float audio; returns events that need no inference."""
-        self._queue.extend(self._vad.feed(audio))
+        self._detected(self._vad.feed(audio))
         return self._release(self._advance())
 
     def finalize(self) -> list[Event]:
         """Commit everything pending now (the client asked for it): treat as an endpoint."""
         if self._window.length:
-            self._queue.append(SpeechEnd(self._window.end_sample))
+            self._detected([SpeechEnd(self._window.end_sample)])
         return self._release(self._advance())
 
     def flush(self) -> list[Event]:
         """End of audio: the VAD closes any open utterance."""
-        self._queue.extend(self._vad.flush())
+        self._detected(self._vad.flush())
         return self._release(self._advance())
+
+    def _detected(self, events: list) -> None:
+        """Queue the VAD's events for the window; the speaker tracker takes them at once, with the noise floor
+        the VAD had then (the window may wait for a final decode, the tracker need not)."""
+        self._queue.extend(events)
+        if self._speakers is not None:
+            for event in events:
+                if isinstance(event, SpeechAudio):
+                    self._speakers.feed(event.start_sample, event.audio, self._vad.noise_floor_dbfs)
+                elif isinstance(event, SpeechEnd):
+                    self._speakers.end_utterance()
 
     @property
     def idle(self) -> bool:
@@ -262,11 +273,6 @@ class StreamCore:
         events: list[Event] = []
         while self._queue and not self._ending:
             ev = self._queue.popleft()
-            if self._speakers is not None:
-                if isinstance(ev, SpeechAudio):
-                    self._speakers.feed(ev.start_sample, ev.audio, self._vad.noise_floor_dbfs)
-                elif isinstance(ev, SpeechEnd):
-                    self._speakers.end_utterance()
             if isinstance(ev, SpeechStart):
                 if not self._window.length:
                     self._window.open(ev.sample)
