@@ -58,17 +58,29 @@ def fake_run(request: WindowRequest | EmbedRequest) -> WindowReply | EmbedReply:
     return fake_decode(request)
 
 
-def run_core(core: StreamCore, audio: np.ndarray, chunk: int = 480) -> list[Event]:
+def run_core(core: StreamCore, audio: np.ndarray, chunk: int = 480, delay: int = 0) -> list[Event]:
+    """Feed ``audio`` in chunks; each request is answered once ``delay`` more chunks were fed (a busy engine),
+    decodes and embeddings side by side as the server runs them."""
     events: list[Event] = []
+    waiting: dict[type, tuple[object, int]] = {}  # request kind -> (request, chunks fed since)
 
-    def drain(new: list[Event]) -> None:
+    def drain(new: list[Event], force: bool = False) -> None:
         events.extend(new)
-        while (request := core.next_request()) is not None:
+        while True:
+            request = core.next_request()
+            if request is not None and type(request) not in waiting:
+                waiting[type(request)] = (request, 0)
+            due = [(kind, r) for kind, (r, age) in waiting.items() if age >= delay or force]
+            if not due:
+                return
+            kind, request = due[0]
+            del waiting[kind]
             events.extend(core.complete(request, fake_run(request)))
 
     for i in range(0, audio.size, chunk):
+        waiting.update({kind: (r, age + 1) for kind, (r, age) in waiting.items()})
         drain(core.feed(audio[i: i + chunk]))
-    drain(core.flush())
+    drain(core.flush(), force=True)
     return events
 
 
@@ -211,6 +223,17 @@ def test_a_speaker_change_inside_one_commit_splits_it_into_two_labelled_finals()
                for f in labelled)
     kinds = [type(e).__name__ for e in events]
     assert kinds.index("UtteranceEnd") > kinds.index("Final") and core.idle
+
+
+@pytest.mark.parametrize("delay", [3, 20, 60])
+def test_labels_do_not_depend_on_how_long_the_engine_takes(delay: int) -> None:
+    audio = np.concatenate([silence(0.5), voice(2.4, LOW), silence(0.25), voice(2.4, HIGH), silence(1.0),
+                            voice(1.6, LOW), silence(0.6), voice(3.0, HIGH), silence(1.0)])
+    words = [(w.text, f.speaker) for f in finals(run_core(StreamCore(StreamOptions(diarize=True)), audio))
+             for w in f.words]
+    late = [(w.text, f.speaker) for f in finals(run_core(StreamCore(StreamOptions(diarize=True)), audio,
+                                                         delay=delay)) for w in f.words]
+    assert [s for _, s in late] == [s for _, s in words] and {s for _, s in words} == {0, 1}
 
 
 def test_without_diarize_finals_have_no_speaker_and_no_embedding_is_asked() -> None:
