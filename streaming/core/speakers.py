@@ -66,7 +66,7 @@ class SpeakerClusters:
         sums = np.stack(self._sums)
         return sums @ _unit(embedding) / np.maximum(np.linalg.norm(sums, axis=1), 1e-12)
 
-    def close(self, embedding: np.ndarray) -> np.ndarray:
+    def matches(self, embedding: np.ndarray) -> np.ndarray:
         """Which speakers ``embedding`` is close enough to."""
         early = np.array(self._seconds) < SETTLED_SECONDS
         return self.similarities(embedding) >= np.where(early, SAME_SPEAKER_EARLY, SAME_SPEAKER)
@@ -75,7 +75,7 @@ class SpeakerClusters:
         """The speaker of a piece of ``seconds`` of speech; ``previous`` is the speaker just before it in the
         same utterance (kept unless another one is clearly closer). A piece close enough to its speaker, or
         the first of a new one, refines that speaker's centroid."""
-        sims, close = self.similarities(embedding), self.close(embedding)
+        sims, close = self.similarities(embedding), self.matches(embedding)
         if not sims.size or (not close.any() and seconds >= MIN_NEW_SECONDS):
             self._sums.append(np.zeros_like(_unit(embedding)))
             self._seconds.append(0.0)
@@ -92,7 +92,7 @@ class SpeakerClusters:
     def refine(self, label: int, embedding: np.ndarray, seconds: float) -> None:
         """Add more of speaker ``label``'s speech to its centroid, if it sounds like that speaker (a new
         speaker's first piece always does)."""
-        if not self._seconds[label] or self.close(embedding)[label]:
+        if not self._seconds[label] or self.matches(embedding)[label]:
             self._sums[label] = self._sums[label] + _unit(embedding) * seconds
             self._seconds[label] += seconds
 
@@ -113,10 +113,6 @@ class _Piece:
     sent_to: int = 0  # its audio before this sample has been sent to be embedded
     deciding: bool = False  # the stretch that decides its label is queued or being embedded
 
-    @property
-    def seconds(self) -> float:
-        return (self.end - self.start) / SAMPLE_RATE
-
 
 @dataclass(eq=False)
 class _Stretch:
@@ -129,15 +125,16 @@ class SpeakerTracker:
     """One stream's speaker labels: feed it the speech audio the VAD passes, ask it for embedding requests,
     give it their replies, and ask it for the labels of committed words."""
 
-    def __init__(self, vad: VadConfig = VadConfig(), clusters: SpeakerClusters | None = None) -> None:
-        self.clusters = clusters if clusters is not None else SpeakerClusters()
+    def __init__(self, vad: VadConfig = VadConfig()) -> None:
+        self.clusters = SpeakerClusters()
         self._floor_db, self._margin_db = vad.energy_floor_dbfs, vad.noise_margin_db
         self._pieces: list[_Piece] = []
         self._open: _Piece | None = None
         self._last: _Piece | None = None  # the current utterance's last piece
         self._latest = 0  # the latest speaker decided: for words said where no speech was heard
-        self._public: dict[int, int] = {}  # speaker -> label: numbered as they first label words (noise heard
-        # before anyone speaks, a speaker of its own, takes no number)
+        # Speaker -> label, numbered as speakers first label words: noise heard before anyone speaks, a speaker
+        # of its own, takes no number.
+        self._public: dict[int, int] = {}
         self._audio: list[np.ndarray] = []  # the open piece's audio from its `sent_to` on, in frames
         self._pos: int | None = None  # the sample after the last one fed, None between utterances
         self._rest = np.zeros(0, np.float32)  # the start of a frame
