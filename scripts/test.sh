@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Set up everything the test suite needs on a new machine, then run it (README's test command; CI runs it).
 #   bash scripts/test.sh [pytest arguments]      default: -m "not bench"
-# Python side: .venv with torch 2.13.0 (the CPU build, installed first) and the test, base and wyoming extras.
+# Python side: .venv with torch 2.13.0 (the CPU build, installed first), the test, base and wyoming extras and
+# the speaker encoder's weights (resemblyzer, without its dependencies).
 # System side: Debian's chromium (browser test), nginx (load-balancer test) and ffmpeg (CLI on non-WAV
 # files), installed with apt-get when run as root; otherwise the missing ones are named with the command.
 set -euo pipefail
@@ -29,6 +30,7 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/pip install -q torch==2.13.0   # first: the CPU build on this machine's disk, not a CUDA download
 .venv/bin/pip install -q -e '.[test,base,wyoming]'
+.venv/bin/pip install -q --no-deps resemblyzer==0.1.4   # the speaker encoder's weights; its own deps are not needed
 
 if [ "$#" -eq 0 ]; then
   set -- -m "not bench"

@@ -13,7 +13,10 @@ import sys
 import time
 from typing import TYPE_CHECKING, Any
 
+from .core.events import word_dict
 from .core.languages import TASKS
+from .core.messages import WordTiming
+from .core.speakers import SPEAKER_ENCODER_INSTALL
 from .formats import FORMATS, Cue, render
 
 if TYPE_CHECKING:
@@ -23,12 +26,39 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+def _word(w: WordTiming) -> dict:
+    return word_dict(w.word, w.start, w.end, w.probability)
+
+
+def _speaker_cues(segments: list, labels: list[int], words: bool) -> list[Cue]:
+    """Cues from segments whose words carry ``labels`` (one per word, or one per segment without words): a
+    segment is cut where the speaker changes. ``words`` keeps the words in the cues."""
+    cues, labels = [], iter(labels)
+    for segment in segments:
+        if not segment.words:
+            cues.append(Cue(segment.start, segment.end, segment.text, speaker=next(labels)))
+            continue
+        run: list = []
+        for word, label in zip(segment.words, labels):
+            if run and label != run[-1][1]:
+                cues.append(_cue(run, words))
+                run = []
+            run.append((word, label))
+        cues.append(_cue(run, words))
+    return cues
+
+
+def _cue(run: list, words: bool) -> Cue:
+    return Cue(run[0][0].start, run[-1][0].end, "".join(w.word for w, _ in run),
+               [{**_word(w), "speaker": label} for w, label in run] if words else [], speaker=run[0][1])
+
+
 def _transcribe(args: argparse.Namespace) -> int:
     from .audiofile import read_audio
     from .core.audio import AudioFormatError
-    from .core.events import word_dict
     from .engine import Engine, configure_threads
-    from .engine.transcribe import TranscribeOptions, transcribe
+    from .engine.speaker import SpeakerModelMissing
+    from .engine.transcribe import TranscribeOptions, speaker_labels, transcribe
     from .engine.weights import ModelLoadError
 
     configure_threads(args.threads)
@@ -42,8 +72,14 @@ def _transcribe(args: argparse.Namespace) -> int:
     except (ModelLoadError, OSError, ValueError) as exc:  # OSError/ValueError: the tokenizer's vocabulary
         print(f"whisper-stream: {exc}", file=sys.stderr)
         return 2
+    if args.diarize:
+        try:
+            engine.speakers  # noqa: B018 - loads it now, before the long part
+        except SpeakerModelMissing as exc:
+            print(f"whisper-stream: --diarize: {exc}", file=sys.stderr)
+            return 2
     options = TranscribeOptions(language=args.language, task=args.task, beam_size=args.beam_size,
-                                best_of=args.beam_size, word_timestamps=args.word_timestamps,
+                                best_of=args.beam_size, word_timestamps=args.word_timestamps or args.diarize,
                                 initial_prompt=args.prompt)
     started = time.monotonic()
     long_input = len(audio) > 60 * 16000
@@ -60,8 +96,11 @@ def _transcribe(args: argparse.Namespace) -> int:
     if long_input:
         elapsed = time.monotonic() - started
         print(f"\rdone: {result.duration:.1f} s of audio in {elapsed:.1f} s", file=sys.stderr)
-    cues = [Cue(s.start, s.end, s.text, [
-        word_dict(w.word, w.start, w.end, w.probability) for w in s.words]) for s in result.segments]
+    if args.diarize:
+        spans = [(w.start, w.end) for s in result.segments for w in s.words or [s]]
+        cues = _speaker_cues(result.segments, speaker_labels(engine, audio, spans), args.word_timestamps)
+    else:
+        cues = [Cue(s.start, s.end, s.text, [_word(w) for w in s.words]) for s in result.segments]
     output = render(cues, args.format, result.language)
     if args.output:
         with open(args.output, "w", encoding="utf-8") as f:
@@ -82,6 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--beam-size", type=int, default=5)
     t.add_argument("--word-timestamps", action="store_true", help="add word timings (json, srt, vtt)")
     t.add_argument("--prompt", default=None, help="initial prompt: names, jargon, spelling")
+    t.add_argument("--diarize", action="store_true",
+                   help="label who speaks: [SPEAKER 1] in txt and srt, <v Speaker 1> in vtt, speaker (from 0) in "
+                        f"json; needs: {SPEAKER_ENCODER_INSTALL}")
     t.add_argument("--format", default="txt", choices=FORMATS)
     t.add_argument("--output", "-o", default=None, help="write here instead of stdout")
     t.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")

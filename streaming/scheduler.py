@@ -1,4 +1,5 @@
-"""Runs every stream's window decodes on inference worker threads, batching the ones that wait together.
+"""Runs every stream's window decodes and speaker embeddings on inference worker threads, batching the ones
+that wait together.
 
 The event loop only queues work and awaits a future; the model runs on the worker threads. Requests that
 arrive while a worker is busy (or within ``max_wait_ms`` of the first one) go into one runner call, so
@@ -16,32 +17,33 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from .engine.inference import WindowReply, WindowRequest, iter_windows
+from .core.messages import EmbedRequest, Reply, Request
+from .engine.inference import iter_requests
 from .metrics import Metrics
 
 log = logging.getLogger(__name__)
 
 CLOSED_BEFORE_RUN = "the scheduler was closed before this request ran"
 
-Runner = Callable[[Any, list[WindowRequest]], Iterable[WindowReply | Exception]]
+Runner = Callable[[Any, list[Request]], Iterable[Reply | Exception]]
 
 
 @dataclass(eq=False)
 class _Job:
-    request: WindowRequest
+    request: Request
     future: asyncio.Future
     loop: asyncio.AbstractEventLoop
     submitted: float = field(default_factory=time.monotonic)
     abandoned: bool = False  # the caller stopped waiting: skip it if it has not run yet
 
-    def deliver(self, result: WindowReply | BaseException) -> None:
+    def deliver(self, result: Reply | BaseException) -> None:
         try:
             self.loop.call_soon_threadsafe(_settle, self.future, result)
         except RuntimeError:  # the caller's event loop is closed: nobody is waiting
             pass
 
 
-def _settle(future: asyncio.Future, result: WindowReply | BaseException) -> None:
+def _settle(future: asyncio.Future, result: Reply | BaseException) -> None:
     if future.done():  # cancelled: the stream is gone
         return
     if isinstance(result, BaseException):
@@ -66,18 +68,20 @@ def check_options(max_batch: int, max_wait_ms: float, workers: int, shed_after_m
 class Scheduler:
     """Inference worker threads (``workers``, default one) shared by all streams.
 
-    Final decodes (the end of an utterance: most of the words a user waits for) go first, one per runner
-    call; interim decodes that wait together share a batch. A final decode that waited longer than
+    Speaker embeddings go first, all those waiting in one runner call: they are cheap (about 1/50 of a second
+    of CPU per second of audio) and finals may wait for them. Then final decodes (the end of an utterance:
+    most of the words a user waits for), one per runner call; interim decodes that wait together share a
+    batch. A final decode that waited longer than
     ``shed_after_ms`` (0: never) is overload: it runs with the short audio context of interim decodes (the
     window and its trailing silence instead of Whisper's 30 s), whose encoder pass costs about a third.
 
     ``runner`` is called on a worker thread as ``runner(engine, requests)`` and must produce one reply or
-    exception per request, in order (default: :func:`streaming.engine.inference.iter_windows`). ``on_busy(seconds)``
+    exception per request, in order (default: :func:`streaming.engine.inference.iter_requests`). ``on_busy(seconds)``
     hears how long each batch took.
     """
 
     def __init__(self, engine: Any, max_batch: int = 8, max_wait_ms: float = 5, metrics: Metrics | None = None,
-                 runner: Runner = iter_windows, workers: int = 1, on_busy: Callable[[float], None] | None = None,
+                 runner: Runner = iter_requests, workers: int = 1, on_busy: Callable[[float], None] | None = None,
                  shed_after_ms: float = 0):
         check_options(max_batch, max_wait_ms, workers, shed_after_ms)
         self.engine = engine
@@ -87,6 +91,7 @@ class Scheduler:
         self.metrics = metrics if metrics is not None else Metrics()
         self._runner = runner
         self._on_busy = on_busy
+        self._embeds: deque[_Job] = deque()
         self._finals: deque[_Job] = deque()
         self._interims: deque[_Job] = deque()
         self._ready = threading.Condition()
@@ -100,9 +105,9 @@ class Scheduler:
     def queued(self) -> int:
         """Requests waiting for a worker (abandoned ones included until a worker skips them)."""
         with self._ready:
-            return len(self._finals) + len(self._interims)
+            return len(self._embeds) + len(self._finals) + len(self._interims)
 
-    async def submit(self, request: WindowRequest) -> WindowReply:
+    async def submit(self, request: Request) -> Reply:
         """Run ``request`` on a worker; returns its reply or raises its exception.
 
         Cancelling the caller abandons the request: it is skipped if it has not started, and its result is
@@ -113,7 +118,7 @@ class Scheduler:
         loop = asyncio.get_running_loop()
         job = _Job(request, loop.create_future(), loop)
         with self._ready:
-            (self._finals if request.final else self._interims).append(job)
+            self._queue(request).append(job)
             self._ready.notify()
         try:
             return await job.future
@@ -132,14 +137,19 @@ class Scheduler:
         for thread in self._threads:
             thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
         with self._ready:
-            left = [*self._finals, *self._interims]
-            self._finals.clear()
-            self._interims.clear()
+            left = [*self._embeds, *self._finals, *self._interims]
+            for queue in (self._embeds, self._finals, self._interims):
+                queue.clear()
         for job in left:
             job.deliver(RuntimeError(CLOSED_BEFORE_RUN))
         close_runner = getattr(self._runner, "close", None)  # e.g. a ProcessRunner's child processes
         if close_runner is not None:
             close_runner()
+
+    def _queue(self, request: Request) -> deque[_Job]:
+        if isinstance(request, EmbedRequest):
+            return self._embeds
+        return self._finals if request.final else self._interims
 
     # --- worker thread -------------------------------------------------------------------------------
 
@@ -149,13 +159,18 @@ class Scheduler:
                 self._run(batch)
 
     def _take(self) -> list[_Job] | None:
-        """The next batch: a final decode alone, else interim decodes gathered for up to ``max_wait``; None
-        once closed (what was taken then goes back to the queue, to fail in :meth:`close`)."""
+        """The next batch: every waiting speaker embedding, else a final decode alone, else interim decodes
+        gathered for up to ``max_wait``; None once closed (what was taken then goes back to the queue, to fail
+        in :meth:`close`)."""
         with self._ready:
-            while not self._closed and not self._finals and not self._interims:
+            while not self._closed and not self._embeds and not self._finals and not self._interims:
                 self._ready.wait()
             if self._closed:
                 return None
+            if self._embeds:
+                batch = [job for job in self._embeds if not job.abandoned]
+                self._embeds.clear()
+                return batch
             if self._finals:
                 job = self._finals.popleft()
                 if job.abandoned:
@@ -172,7 +187,7 @@ class Scheduler:
                     if not job.abandoned:
                         batch.append(job)
                 remaining = deadline - time.monotonic()
-                if len(batch) == self.max_batch or self._finals or remaining <= 0:
+                if len(batch) == self.max_batch or self._embeds or self._finals or remaining <= 0:
                     break
                 self._ready.wait(remaining)
                 if self._closed:
@@ -202,4 +217,4 @@ class Scheduler:
         if self._on_busy is not None:
             self._on_busy(busy)
         if len(batch) > 1:
-            log.debug("ran a batch of %d window decodes in %.3f s", len(batch), busy)
+            log.debug("ran a batch of %d requests in %.3f s", len(batch), busy)

@@ -36,6 +36,7 @@ from .core.session import (
     Session,
     error_message,
 )
+from .engine import speaker
 from .heap import HeapTrimmer
 from .metrics import Metrics
 from .native import serve_stream
@@ -140,7 +141,7 @@ class Server:
         self._runner = runner
         self.config = config
         self.metrics = Metrics()
-        self.info = EngineInfo(engine.name, engine.multilingual)
+        self.info = EngineInfo(engine.name, engine.multilingual, speaker.available())
         self.draining = False
         self.admission = Admission(config.workers, config.max_utilization or 1.0, enabled=config.max_utilization > 0)
         self.refusals = RefusalLog()

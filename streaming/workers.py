@@ -17,7 +17,8 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any
 
-from .engine.inference import WindowReply, WindowRequest, iter_windows
+from .core.messages import Reply, Request
+from .engine.inference import iter_requests
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +56,7 @@ def _child(conn: Connection, model: str, dtype: str | None, threads: int, heap_t
         trimmer.start()
     conn.send(("ready", ChildEngine(engine.name, engine.multilingual, engine.dtype_name)))
     while (requests := conn.recv()) is not None:
-        for reply in iter_windows(engine, requests):
+        for reply in iter_requests(engine, requests):
             if isinstance(reply, BaseException):  # its class may not unpickle in the parent
                 reply = RuntimeError(f"{type(reply).__name__}: {reply}")
             conn.send(reply)
@@ -123,7 +124,7 @@ class ProcessRunner:
     def pids(self) -> list[int]:
         return [child.process.pid for child in self._children]
 
-    def __call__(self, engine: Any, requests: list[WindowRequest]) -> Iterator[WindowReply | Exception]:
+    def __call__(self, engine: Any, requests: list[Request]) -> Iterator[Reply | Exception]:
         child = getattr(self._local, "child", None)
         if child is None:
             child = self._local.child = self._free.get()

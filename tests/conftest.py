@@ -25,6 +25,7 @@ import torch
 from streaming.audiofile import read_audio
 from streaming.engine import Engine
 from streaming.engine.model import ModelDims, Whisper
+from streaming.engine.speaker import SpeakerEncoder, SpeakerModelMissing
 from streaming.engine.tokenizer import Tokenizer, load_tokenizer
 from streaming.engine.weights import LoadedModel, load_model
 
@@ -125,6 +126,17 @@ def shared_eval() -> Path:
             pytest.fail(f"CI must provide the evaluation data at {path} (a ../shared checkout)")
         pytest.skip(f"evaluation data not found at {path} (needs a ../shared checkout, or set WHISPER_STREAM_EVAL)")
     return path
+
+
+@pytest.fixture(scope="session")
+def speaker_encoder() -> SpeakerEncoder:
+    """The GE2E speaker encoder on Resemblyzer's weights: required in CI, optional on a developer machine."""
+    try:
+        return SpeakerEncoder.load()
+    except SpeakerModelMissing as exc:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"CI must install the speaker encoder (scripts/test.sh does): {exc}")
+        pytest.skip(str(exc))
 
 
 T = TypeVar("T")

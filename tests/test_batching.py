@@ -330,6 +330,22 @@ def test_worker_processes_reply_as_decoding_in_this_process(engine, requests) ->
 
 
 @pytest.mark.real_model
+def test_worker_processes_compute_speaker_embeddings_with_the_decodes(engine, requests, speaker_encoder) -> None:
+    from streaming.core.messages import EmbedReply, EmbedRequest
+    from streaming.workers import ProcessRunner
+
+    clips = (requests[0].audio, requests[1].audio[:8000])
+    runner = ProcessRunner("tiny.en", engine.dtype_name, workers=1, threads=1, heap_trim_seconds=0)
+    try:
+        embedded, decoded = list(runner(None, [EmbedRequest(clips), requests[0]]))
+    finally:
+        runner.close()
+    assert isinstance(embedded, EmbedReply) and embedded.embeddings.shape == (2, 256)
+    np.testing.assert_allclose(embedded.embeddings, speaker_encoder.embed(list(clips)), atol=1e-4)
+    assert_same_reply(decoded, run_window(engine, requests[0]))
+
+
+@pytest.mark.real_model
 def test_a_worker_process_that_dies_fails_its_batch_and_is_replaced(engine, requests) -> None:
     from streaming.workers import ProcessRunner
 

@@ -179,6 +179,29 @@ def test_start_streams_pcm_and_shows_partials_and_finals_then_stop_waits_for_don
     assert len(server.audio) >= 2 * 320 * (server.audio_messages - 1)  # 20 ms frames (the last may be short)
 
 
+SPEAKERS_JS = """() => [...document.querySelectorAll('#transcript p')].filter((p) => p.querySelector('.speaker'))
+  .map((p) => [p.textContent, getComputedStyle(p.querySelector('.speaker:not(.speaker-name)')).color])"""
+
+
+def test_with_speakers_labelled_each_voice_gets_its_name_and_colour(chromium: Any, tmp_path: Path,
+                                                                   tone_wav: Path) -> None:
+    labelled = [{**final, "speaker": speaker, "words": [{**w, "speaker": speaker} for w in final["words"]]}
+                for final, speaker in zip(FINALS, (0, 1, 0))]
+    script = [labelled[0], labelled[1], {"type": "utterance_end", "segment": 0, "end": 6.2}, labelled[2]]
+    with contextlib.ExitStack() as stack:
+        server = stack.enter_context(serve_in_thread(FakeServer(replies={"audio": script}, page=PAGE).running))
+        page = stack.enter_context(open_page(chromium, tmp_path / "profile", tone_wav, page_url(server.url)))
+        page.get_by_label("Label speakers").check()
+        page.get_by_role("button", name="Start").click()
+        page.wait_for_function(f"() => ({SPEAKERS_JS})().length === 3")
+        shown = page.evaluate(SPEAKERS_JS)
+    assert [text for text, _ in shown] == ["Speaker 1: And so my fellow Americans,",
+                                           "Speaker 2: ask not what your country can do for you.",
+                                           "Speaker 1: Ask what you can do for your country."]
+    assert shown[0][1] == shown[2][1] != shown[1][1]
+    assert server.texts[0]["diarize"] is True
+
+
 def test_a_server_error_is_shown_and_the_page_can_start_again(chromium: Any, tmp_path: Path,
                                                               tone_wav: Path) -> None:
     error = {"type": "error", "code": "bad_start", "message": "bad start message: unknown field 'x'"}

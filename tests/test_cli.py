@@ -111,6 +111,39 @@ def test_json_with_word_timestamps_to_a_file(jfk_wav, tmp_path) -> None:
         ends.append(w["end"])
 
 
+@pytest.fixture(scope="module")
+def meeting_wav(shared_eval: Path, tmp_path_factory) -> Path:
+    """The first 21 s of en_meeting.wav: voice A (0.5-6.0 s), voice B (6.8-17.8 s), voice A (18.7-20.4 s)."""
+    path = tmp_path_factory.mktemp("cli") / "meeting.wav"
+    with wave.open(str(shared_eval / "streams" / "en_meeting.wav")) as src, wave.open(str(path), "wb") as dst:
+        dst.setparams(src.getparams())
+        dst.writeframes(src.readframes(21 * src.getframerate()))
+    return path
+
+
+@pytest.mark.real_model
+def test_diarize_labels_the_speakers_in_vtt_and_json(meeting_wav, speaker_encoder) -> None:
+    vtt = transcribe(meeting_wav, "--diarize", "--format", "vtt").stdout
+    tags = re.findall(r"^<v Speaker (\d+)>(.*)$", vtt, re.M)
+    assert {tag for tag, _ in tags} == {"1", "2"}
+    spoken = {tag: words_of(" ".join(t for g, t in tags if g == tag)) for tag in ("1", "2")}
+    assert "agent" in spoken["1"] and "conference" in spoken["1"] and "americans" in spoken["2"]
+    data = json.loads(transcribe(meeting_wav, "--diarize", "--format", "json", "--word-timestamps").stdout)
+    assert {s["speaker"] for s in data["segments"]} == {0, 1}
+    assert all(w["speaker"] == s["speaker"] for s in data["segments"] for w in s["words"])
+
+
+def test_diarize_without_the_speaker_encoder_names_the_install(jfk_wav, monkeypatch, capsys) -> None:
+    from streaming import cli as command
+    from streaming.core.speakers import SPEAKER_ENCODER_INSTALL
+    from streaming.engine import speaker
+
+    monkeypatch.setattr(speaker.importlib.util, "find_spec", lambda name: None)
+    assert command.main(["transcribe", str(jfk_wav), "--diarize", "--device", "cpu", "--threads", "1"]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("whisper-stream: --diarize:") and SPEAKER_ENCODER_INSTALL in error
+
+
 def test_missing_file(tmp_path) -> None:
     path = tmp_path / "nowhere.wav"
     assert_one_line_error(cli("transcribe", path), f"cannot read {path}", "not found")

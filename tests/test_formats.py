@@ -90,3 +90,17 @@ def test_unknown_format() -> None:
     with pytest.raises(ValueError, match="unknown output format 'docx'") as info:
         render(CUES, "docx")
     assert all(fmt in str(info.value) for fmt in FORMATS)
+
+
+SPOKEN = [Cue(0.0, 1.5, " Press one.", [{"word": " Press", "start": 0.0, "end": 0.6, "probability": 0.9,
+                                           "speaker": 0}], speaker=0),
+          Cue(2.0, 3.0, " Ask not.", speaker=1)]
+
+
+def test_speaker_labels_in_every_format() -> None:
+    assert render(SPOKEN, "txt") == "[SPEAKER 1] Press one.\n[SPEAKER 2] Ask not.\n"
+    assert render(SPOKEN, "srt").endswith("2\n00:00:02,000 --> 00:00:03,000\n[SPEAKER 2] Ask not.\n")
+    assert render(SPOKEN, "vtt").endswith("00:00:02.000 --> 00:00:03.000\n<v Speaker 2>Ask not.\n")
+    segments = json.loads(render(SPOKEN, "json"))["segments"]
+    assert [s["speaker"] for s in segments] == [0, 1] and segments[0]["words"][0]["speaker"] == 0
+    assert json.loads(render(SPOKEN, "json"))["text"] == "Press one. Ask not."

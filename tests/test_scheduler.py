@@ -230,6 +230,33 @@ async def test_final_decodes_go_first_and_alone() -> None:
         assert runner.batches == [[0.0], [3.0], [4.0], [1.0, 2.0]]
 
 
+async def test_speaker_embeddings_go_first_all_in_one_batch() -> None:
+    from streaming.core.messages import EmbedReply, EmbedRequest
+
+    batches: list[list[str]] = []
+    release = threading.Event()
+
+    def runner(engine: object, requests: list) -> list:
+        release.wait(5)
+        batches.append(["embed" if isinstance(r, EmbedRequest) else str(r.audio[0]) for r in requests])
+        return [EmbedReply(np.zeros((1, 2))) if isinstance(r, EmbedRequest) else WindowReply() for r in requests]
+
+    scheduler = Scheduler(object(), runner=runner, max_wait_ms=0)
+    try:
+        first = asyncio.create_task(scheduler.submit(request(0)))
+        await asyncio.sleep(0.05)  # the worker holds request 0
+        waiting = [asyncio.create_task(scheduler.submit(r)) for r in (
+            request(1), replace(request(2), final=True), EmbedRequest((np.zeros(160, np.float32),)),
+            EmbedRequest((np.zeros(160, np.float32),)))]
+        await asyncio.sleep(0.05)
+        release.set()
+        replies = await asyncio.gather(first, *waiting)
+    finally:
+        scheduler.close()
+    assert batches == [["0.0"], ["embed", "embed"], ["2.0"], ["1.0"]]
+    assert isinstance(replies[3], EmbedReply) and isinstance(replies[1], WindowReply)
+
+
 async def test_a_runner_that_stops_early_fails_the_rest_of_its_batch() -> None:
     def runner(engine: object, requests: list[WindowRequest]):
         yield WindowReply(language="only one")

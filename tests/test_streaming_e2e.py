@@ -109,7 +109,7 @@ def test_noise_only_yields_no_finals(guarded: bool, stream_engine: Engine, share
         decoded.append(inference.run_window(engine, request, policy))
         return decoded[-1]
 
-    monkeypatch.setattr(recognizer, "run_window", spy)
+    monkeypatch.setattr(recognizer, "run_request", spy)
     if not guarded:
         monkeypatch.setattr(inference, "NO_SPEECH_GATE", 2.0)
     events = recognize(stream_engine, audio)

@@ -24,7 +24,7 @@ _BLOCK = 1 << 18  # coefficients gathered per block, bounding temporary memory
 INTEGER_ENCODINGS = {1: "pcm_u8", 2: "pcm_s16le", 3: "pcm_s24le", 4: "pcm_s32le"}
 _ENCODINGS = {**{name: width for width, name in INTEGER_ENCODINGS.items()}, "pcm_f32le": 4}  # bytes per sample
 _MIN_RATE, _MAX_RATE = 8000, 192000
-_MAX_CHANNELS = 8
+MAX_CHANNELS = 8
 
 
 class AudioFormatError(ValueError):
@@ -149,13 +149,15 @@ def resample(audio: np.ndarray, orig_sr: int, target_sr: int = SAMPLE_RATE) -> n
 class PcmDecoder:
     """Stateful converter from raw interleaved little-endian PCM chunks to 16 kHz mono float32 in [-1, 1].
 
-    Channels are averaged; ``pcm_f32le`` values outside [-1, 1] are clipped. Decoding a stream in chunks
-    of any size yields the same samples as decoding it at once. When resampling, each output sample is
-    held back until the input it depends on has arrived: a constant latency of ``latency`` seconds
-    (about 2.2 ms, 4.4 ms at 8 kHz, 0 at 16 kHz). ``flush`` releases the held samples at end of stream.
+    Channels are averaged, or with ``separate`` kept apart: every result is then [channels, samples].
+    ``pcm_f32le`` values outside [-1, 1] are clipped. Decoding a stream in chunks of any size yields the same
+    samples as decoding it at once. When resampling, each output sample is held back until the input it depends
+    on has arrived: a constant latency of ``latency`` seconds (about 2.2 ms, 4.4 ms at 8 kHz, 0 at 16 kHz).
+    ``flush`` releases the held samples at end of stream.
     """
 
-    def __init__(self, sample_rate: int, encoding: str = "pcm_s16le", channels: int = 1) -> None:
+    def __init__(self, sample_rate: int, encoding: str = "pcm_s16le", channels: int = 1,
+                 separate: bool = False) -> None:
         if not _is_int(sample_rate) or not _MIN_RATE <= sample_rate <= _MAX_RATE:
             raise AudioFormatError(
                 f"unsupported sample rate {sample_rate!r}: use an integer rate from {_MIN_RATE} to "
@@ -165,24 +167,25 @@ class PcmDecoder:
             raise AudioFormatError(
                 f"unsupported encoding {encoding!r}: use one of {', '.join(sorted(_ENCODINGS))}"
             )
-        if not _is_int(channels) or not 1 <= channels <= _MAX_CHANNELS:
+        if not _is_int(channels) or not 1 <= channels <= MAX_CHANNELS:
             raise AudioFormatError(
-                f"unsupported channel count {channels!r}: use an integer from 1 to {_MAX_CHANNELS}"
+                f"unsupported channel count {channels!r}: use an integer from 1 to {MAX_CHANNELS}"
             )
         self.sample_rate, self.encoding, self.channels = int(sample_rate), encoding, int(channels)
+        self.separate = separate
         self._width = _ENCODINGS[encoding]
         self.frame_size = self._width * self.channels
-        self._resampler = (
-            _StreamResampler(self.sample_rate, SAMPLE_RATE) if self.sample_rate != SAMPLE_RATE else None
-        )
+        self._resamplers = [_StreamResampler(self.sample_rate, SAMPLE_RATE)
+                            for _ in range(self.channels if separate else 1)] if self.sample_rate != SAMPLE_RATE else []
 
     @property
     def latency(self) -> float:
         """Seconds of input the resampler holds back before emitting the matching output."""
-        return self._resampler.kernel.taps / self.sample_rate if self._resampler else 0.0
+        return self._resamplers[0].kernel.taps / self.sample_rate if self._resamplers else 0.0
 
     def decode(self, data: bytes | bytearray | memoryview) -> np.ndarray:
-        """Convert whole frames of PCM to 16 kHz mono float32; on error nothing is consumed."""
+        """Convert whole frames of PCM to 16 kHz float32 (mono, or [channels, samples] with ``separate``); on
+        error nothing is consumed."""
         raw = memoryview(data).cast("B")
         if raw.nbytes % self.frame_size:
             raise AudioFormatError(
@@ -197,13 +200,18 @@ class PcmDecoder:
                 samples = np.frombuffer(raw, dtype="<f4").astype(np.float64)
             if not np.isfinite(samples).all():
                 raise AudioFormatError("pcm_f32le chunk contains NaN or infinite samples; send finite values")
-        mono = np.clip(samples, -1.0, 1.0).reshape(-1, self.channels).mean(axis=1)
-        if self._resampler is not None:
-            mono = np.clip(self._resampler.process(mono), -1.0, 1.0)
-        return mono.astype(np.float32)
+        frames = np.clip(samples, -1.0, 1.0).reshape(-1, self.channels)
+        signals = frames.T if self.separate else frames.mean(axis=1)[None]
+        if self._resamplers:
+            signals = np.stack([np.clip(r.process(x), -1.0, 1.0) for r, x in zip(self._resamplers, signals)])
+        return self._shaped(signals)
 
     def flush(self) -> np.ndarray:
         """Return the samples still held by the resampler and reset it for a new stream."""
-        if self._resampler is None:
-            return np.zeros(0, dtype=np.float32)
-        return np.clip(self._resampler.flush(), -1.0, 1.0).astype(np.float32)
+        if not self._resamplers:
+            return self._shaped(np.zeros((self.channels if self.separate else 1, 0)))
+        return self._shaped(np.stack([np.clip(r.flush(), -1.0, 1.0) for r in self._resamplers]))
+
+    def _shaped(self, signals: np.ndarray) -> np.ndarray:
+        """[channels, samples] float32 with ``separate``, else the one row."""
+        return signals.astype(np.float32) if self.separate else signals[0].astype(np.float32)

@@ -39,20 +39,23 @@ class Partial:
 
 @dataclass(frozen=True)
 class Final:
-    """Committed, append-only text of segment ``segment`` with its words."""
+    """Committed, append-only text of segment ``segment`` with its words; ``speaker`` labels them all (with
+    speaker labels on; None otherwise)."""
 
     segment: int
     text: str
     start: float
     end: float
     words: tuple[Word, ...]
+    speaker: int | None = None
 
     def to_dict(self, words: bool = True) -> dict[str, Any]:
         """Wire JSON object; ``words`` False leaves the word list out."""
+        label = {} if self.speaker is None else {"speaker": self.speaker}
         message = {"type": "final", "segment": self.segment, "text": self.text, "start": _t(self.start),
-                   "end": _t(self.end)}
+                   "end": _t(self.end), **label}
         if words:
-            message["words"] = [word_dict(w.text, w.start, w.end, w.probability) for w in self.words]
+            message["words"] = [{**word_dict(w.text, w.start, w.end, w.probability), **label} for w in self.words]
         return message
 
 

@@ -1,6 +1,8 @@
-"""The messages between the core and the engine: a window to decode, and what the engine heard in it.
+"""The messages between the core and the engine: a window to decode and what the engine heard in it, and
+clips of speech to embed and their speaker embeddings.
 
-The core never runs the model; it asks with a :class:`WindowRequest` and takes a :class:`WindowReply`.
+The core never runs a model; it asks with a :class:`WindowRequest` or an :class:`EmbedRequest` and takes a
+:class:`WindowReply` or an :class:`EmbedReply`.
 """
 
 from __future__ import annotations
@@ -50,3 +52,21 @@ class WindowReply:
     no_speech_prob: float = 0.0
     avg_logprob: float = 0.0
     silence: bool = False
+
+
+@dataclass(frozen=True, eq=False)
+class EmbedRequest:
+    """Speaker embeddings for clips of one stream's speech (16 kHz mono float32)."""
+
+    clips: tuple[np.ndarray, ...]
+
+
+@dataclass
+class EmbedReply:
+    """One unit-length speaker embedding per clip of the request, as rows [len(clips), dimension]."""
+
+    embeddings: np.ndarray
+
+
+Request = WindowRequest | EmbedRequest
+Reply = WindowReply | EmbedReply

@@ -1,8 +1,9 @@
 """Wire protocol v1 for one streaming connection, sans-I/O (see docs/protocol.md).
 
 A :class:`Session` turns what the client sends into actions for whoever owns the socket: :class:`Send` a
-JSON message, :class:`Run` a window decode (and hand its result to :meth:`Session.complete`), :class:`Close`
-the connection. It never touches sockets, threads or the model, so it is tested without either.
+JSON message, :class:`Run` a window decode or a speaker embedding (and hand its result to
+:meth:`Session.complete`), :class:`Close` the connection. It never touches sockets, threads or the model, so it
+is tested without either. A ``multichannel`` stream runs one :class:`StreamCore` per channel.
 """
 
 from __future__ import annotations
@@ -18,10 +19,11 @@ from typing import Any
 
 import numpy as np
 
-from .audio import AudioFormatError, PcmDecoder
+from .audio import MAX_CHANNELS, AudioFormatError, PcmDecoder
 from .events import Event, Final, Partial, UtteranceEnd
 from .languages import LANGUAGES, check_task
-from .messages import WindowReply, WindowRequest
+from .messages import EmbedRequest, Reply, Request, WindowRequest
+from .speakers import SPEAKER_ENCODER_INSTALL
 from .stream import StreamCore, StreamOptions
 from .vad import SAMPLE_RATE, VadConfig
 
@@ -42,8 +44,8 @@ POLICY_VIOLATION = 1008
 INTERNAL_ERROR = 1011
 TRY_AGAIN_LATER = 1013
 
-START_FIELDS = ("sample_rate", "encoding", "channels", "language", "task", "prompt", "interim_results",
-                "word_timestamps", "vad", "min_chunk", "agreement")
+START_FIELDS = ("sample_rate", "encoding", "channels", "multichannel", "language", "task", "prompt",
+                "interim_results", "word_timestamps", "diarize", "vad", "min_chunk", "agreement")
 MESSAGE_TYPES = ("start", "finalize", "stop")
 
 
@@ -56,9 +58,9 @@ class Send:
 
 @dataclass(frozen=True)
 class Run:
-    """Decode ``request`` on the model, then pass the reply (or the exception) to :meth:`Session.complete`."""
+    """Run ``request`` on the engine, then pass the reply (or the exception) to :meth:`Session.complete`."""
 
-    request: WindowRequest
+    request: Request
 
 
 @dataclass(frozen=True)
@@ -74,10 +76,11 @@ Action = Send | Run | Close
 
 @dataclass(frozen=True)
 class EngineInfo:
-    """What a session needs to know about the shared model."""
+    """What a session needs to know about the shared model; ``speakers``: the speaker encoder is installed."""
 
     model: str
     multilingual: bool
+    speakers: bool = False
 
 
 def error_message(code: str, message: str) -> dict[str, Any]:
@@ -138,6 +141,22 @@ class _Settings:
     word_timestamps: bool
 
 
+@dataclass(eq=False)
+class _Channel:
+    """One transcribed audio channel: its core and its requests in flight. ``index`` is None for the single
+    channel of a stream that is not multichannel (its messages carry no ``channel``)."""
+
+    core: StreamCore
+    index: int | None
+    decode: WindowRequest | None = None
+    embed: EmbedRequest | None = None
+    samples_at_request: int = 0
+
+    @property
+    def busy(self) -> bool:
+        return self.decode is not None or self.embed is not None
+
+
 class Session:
     """The protocol state of one connection: ``open()`` once, then feed it messages and decode results.
 
@@ -154,10 +173,8 @@ class Session:
         self._opened = clock()
         self.state = "new"
         self._settings: _Settings | None = None
-        self._core: StreamCore | None = None
-        self._in_flight: WindowRequest | None = None
+        self._channels: list[_Channel] = []
         self._samples = 0
-        self._samples_at_request = 0
         self._end: tuple[str, int] = ("stop", NORMAL)  # done reason and close code once ending
         self._audio_after_end_reported = False
         self._warned_backlog = False
@@ -176,13 +193,15 @@ class Session:
 
     @property
     def language(self) -> str | None:
-        """The stream's language: as started, or once detected; None before."""
-        return self._core.language if self._core is not None else None
+        """The stream's language (of its first channel): as started, or once detected; None before."""
+        return self._channels[0].core.language if self._channels else None
 
     @property
     def backlog_seconds(self) -> float:
-        """Audio received while the current decode runs."""
-        return (self._samples - self._samples_at_request) / SAMPLE_RATE if self._in_flight is not None else 0.0
+        """Audio received while the current decode runs (the longest wait of any channel); the adapter may stop
+        reading while this is large."""
+        waits = [self._samples - c.samples_at_request for c in self._channels if c.decode is not None]
+        return max(waits, default=0) / SAMPLE_RATE
 
     def backlogged(self) -> tuple[bool, list[Action]]:
         """Whether the adapter should stop reading the client's audio (TCP holds the client back) until a
@@ -253,25 +272,29 @@ class Session:
         if len(data) > self.max_message_bytes:
             return self._fail(self._too_large(len(data)))
         actions = self._begin(self._parse_start({})) if self.state == "new" else []
-        assert self._settings is not None and self._core is not None
+        assert self._settings is not None
         try:
             audio = self._settings.decoder.decode(data)
         except AudioFormatError as exc:
             return actions + self._error("bad_audio", f"audio message dropped: {exc}")
         return actions + self._feed(audio) + self._schedule()
 
-    def complete(self, request: WindowRequest, result: WindowReply | BaseException) -> list[Action]:
-        """The result of a :class:`Run` request: a reply, or the exception its decode raised."""
-        if self.closed or request is not self._in_flight:
+    def complete(self, request: Request, result: Reply | BaseException) -> list[Action]:
+        """The result of a :class:`Run` request: a reply, or the exception its run raised."""
+        channel = next((c for c in self._channels if request is c.decode or request is c.embed), None)
+        if self.closed or channel is None:
             return []
-        assert self._core is not None
-        self._in_flight = None
+        if request is channel.decode:
+            channel.decode = None
+        else:
+            channel.embed = None
         if isinstance(result, BaseException):
-            log.error("session %s: window decode failed", self.id, exc_info=result)
+            log.error("session %s: %s failed", self.id,
+                      "speaker embedding" if isinstance(request, EmbedRequest) else "window decode", exc_info=result)
             self.state = "closed"
             return refusal("internal", "internal error while decoding this stream's audio (logged on the server); "
                                        "reconnect to start a new stream", INTERNAL_ERROR)
-        return self._emit(self._core.complete(request, result)) + self._schedule()
+        return self._emit(channel.core.complete(request, result), channel) + self._schedule()
 
     def timed_out(self, idle_seconds: float) -> list[Action]:
         """The client sent nothing for ``idle_seconds``: end the stream (its audio so far is still decoded)."""
@@ -323,10 +346,17 @@ class Session:
         if prompt is not None and (not isinstance(prompt, str) or len(prompt) > MAX_PROMPT_CHARS):
             raise _bad_start(f"prompt must be a string of at most {MAX_PROMPT_CHARS} characters or null")
         flags = {}
-        for name in ("interim_results", "word_timestamps"):
-            flags[name] = get(name, True)
+        for name, default in (("interim_results", True), ("word_timestamps", True), ("diarize", False),
+                              ("multichannel", False)):
+            flags[name] = get(name, default)
             if not isinstance(flags[name], bool):
                 raise _bad_start(f"{name} must be true or false, got {flags[name]!r}")
+        if flags["diarize"] and not self.engine.speakers:
+            raise _bad_start("diarize needs the speaker encoder, which this server does not have; install it on "
+                             f"the server with: {SPEAKER_ENCODER_INSTALL}, and restart it")
+        if flags["multichannel"] and not 2 <= channels <= MAX_CHANNELS:
+            raise _bad_start(f"multichannel transcribes each channel on its own: it needs channels from 2 to "
+                             f"{MAX_CHANNELS}, got {channels}")
         min_chunk, agreement = get("min_chunk", StreamOptions.min_chunk), get("agreement", StreamOptions.agreement)
         if not _is_number(min_chunk):
             raise _bad_start(f"min_chunk must be a number of seconds, got {min_chunk!r}")
@@ -335,11 +365,11 @@ class Session:
         try:
             options = StreamOptions(language=language, task=task, prompt=prompt or None,
                                     interim_results=flags["interim_results"], vad=self._vad(get("vad", {})),
-                                    min_chunk=float(min_chunk), agreement=agreement)
+                                    min_chunk=float(min_chunk), agreement=agreement, diarize=flags["diarize"])
         except ValueError as exc:
             raise _bad_start(str(exc)) from None
         try:
-            decoder = PcmDecoder(sample_rate, encoding, channels)
+            decoder = PcmDecoder(sample_rate, encoding, channels, separate=flags["multichannel"])
         except AudioFormatError as exc:
             raise _Fatal("unsupported_format", str(exc), UNSUPPORTED_DATA) from None
         return _Settings(decoder, options, flags["word_timestamps"])
@@ -375,59 +405,76 @@ class Session:
 
     def _begin(self, settings: _Settings) -> list[Action]:
         self._settings = settings
-        self._core = StreamCore(settings.options, self.engine.multilingual)
-        self.state = "streaming"
         options, decoder = settings.options, settings.decoder
+        indices = range(decoder.channels) if decoder.separate else [None]
+        self._channels = [_Channel(StreamCore(options, self.engine.multilingual), i) for i in indices]
+        self.state = "streaming"
         return [Send({"type": "started", "sample_rate": decoder.sample_rate, "encoding": decoder.encoding,
-                      "channels": decoder.channels, "language": self._core.language, "task": options.task,
-                      "prompt": options.prompt, "interim_results": options.interim_results,
-                      "word_timestamps": settings.word_timestamps, "vad": asdict(options.vad),
-                      "min_chunk": options.min_chunk, "agreement": options.agreement})]
+                      "channels": decoder.channels, "multichannel": decoder.separate, "language": self.language,
+                      "task": options.task, "prompt": options.prompt, "interim_results": options.interim_results,
+                      "word_timestamps": settings.word_timestamps, "diarize": options.diarize,
+                      "vad": asdict(options.vad), "min_chunk": options.min_chunk, "agreement": options.agreement})]
 
     def _finalize(self) -> list[Action]:
-        if self._core is None:
-            return []
-        return self._emit(self._core.finalize()) + self._schedule()
+        actions: list[Action] = []
+        for channel in self._channels:
+            actions += self._emit(channel.core.finalize(), channel)
+        return actions + self._schedule()
 
     def _end_stream(self, reason: str, close_code: int) -> list[Action]:
         self._end = (reason, close_code)
         self.state = "ending"
         actions: list[Action] = []
-        if self._core is not None and self._settings is not None:
-            actions = self._feed(self._settings.decoder.flush()) + self._emit(self._core.flush())
+        if self._settings is not None:
+            actions = self._feed(self._settings.decoder.flush())
+            for channel in self._channels:
+                actions += self._emit(channel.core.flush(), channel)
         return actions + self._schedule()
 
     # --- internals -----------------------------------------------------------------------------------
 
     def _feed(self, audio: np.ndarray) -> list[Action]:
-        assert self._core is not None
-        self._samples += len(audio)
-        return self._emit(self._core.feed(audio)) if len(audio) else []
+        """16 kHz audio: mono, or [channels, samples] for a multichannel stream."""
+        self._samples += audio.shape[-1]
+        if not audio.shape[-1]:
+            return []
+        signals = audio if audio.ndim == 2 else [audio]
+        actions: list[Action] = []
+        for channel, signal in zip(self._channels, signals):
+            actions += self._emit(channel.core.feed(signal), channel)
+        return actions
 
     def _schedule(self) -> list[Action]:
-        if self._in_flight is None and self._core is not None:
-            request = self._core.next_request()
-            if request is not None:
-                self._in_flight, self._samples_at_request = request, self._samples
-                self.stats["decodes"] += 1
-                return [Run(request)]
-        if self.state == "ending" and self._in_flight is None:
-            return self._done()
-        return []
+        """Start what each channel needs now: a speaker embedding and a decode may run side by side."""
+        actions: list[Action] = []
+        for channel in self._channels:
+            while (request := channel.core.next_request()) is not None and request is not channel.decode:
+                if isinstance(request, EmbedRequest):
+                    channel.embed = request
+                else:
+                    channel.decode, channel.samples_at_request = request, self._samples
+                    self.stats["decodes"] += 1
+                actions.append(Run(request))
+        if self.state == "ending" and not any(c.busy for c in self._channels):
+            return actions + self._done()
+        return actions
 
-    def _emit(self, events: list[Event]) -> list[Action]:
+    def _emit(self, events: list[Event], channel: _Channel) -> list[Action]:
         actions: list[Action] = []
         for event in events:
             if isinstance(event, Final):
                 self.stats["finals"] += 1
                 self.stats["words"] += len(event.words)
-                actions.append(Send(event.to_dict(words=bool(self._settings and self._settings.word_timestamps))))
-                continue
+                message = event.to_dict(words=bool(self._settings and self._settings.word_timestamps))
+            else:
+                message = event.to_dict()
             if isinstance(event, Partial):
                 self.stats["partials"] += 1
             elif isinstance(event, UtteranceEnd):
                 self.stats["utterances"] += 1
-            actions.append(Send(event.to_dict()))
+            if channel.index is not None:
+                message["channel"] = channel.index
+            actions.append(Send(message))
         return actions
 
     def _done(self) -> list[Action]:

@@ -17,7 +17,8 @@ from .agreement import SENTENCE_END, LocalAgreement, Word
 from .events import Event, Final, LanguageDetected, Partial, UtteranceEnd
 from .guards import cut_loops, drop_redecoded
 from .languages import check_task
-from .messages import PROMPT_TOKENS, TRAILING_SILENCE, WindowReply, WindowRequest
+from .messages import PROMPT_TOKENS, TRAILING_SILENCE, EmbedRequest, Reply, Request, WindowReply, WindowRequest
+from .speakers import SpeakerTracker
 from .vad import SAMPLE_RATE, SpeechAudio, SpeechEnd, SpeechStart, VadConfig, VoiceActivityDetector
 from .window import AudioWindow
 
@@ -27,7 +28,8 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class StreamOptions:
-    """Per-stream settings. ``language`` None means detect (multilingual models)."""
+    """Per-stream settings. ``language`` None means detect (multilingual models); ``diarize`` labels every final
+    with its speaker (:mod:`streaming.core.speakers`)."""
 
     language: str | None = None
     task: str = "transcribe"
@@ -46,6 +48,7 @@ class StreamOptions:
     silence: float = TRAILING_SILENCE
     final_context: float = 30.0
     max_pending: float = 3.0
+    diarize: bool = False
 
     def __post_init__(self) -> None:
         check_task(self.task)
@@ -109,29 +112,43 @@ class StreamCore:
         self._partial_text = ""
         self._utterance_has_text = False
         self._committed_end = 0.0  # stream seconds: the end of the last final word
+        self._speakers = SpeakerTracker(options.vad) if options.diarize else None
+        self._held: deque[Event] = deque()  # events behind a final whose speaker is not known yet
 
     # --- input ---------------------------------------------------------------------------------------
 
     def feed(self, audio: np.ndarray) -> list[Event]:
         """Add 16 kHz mono float audio; returns events that need no inference."""
-        self._queue.extend(self._vad.feed(audio))
-        return self._advance()
+        self._detected(self._vad.feed(audio))
+        return self._release(self._advance())
 
     def finalize(self) -> list[Event]:
         """Commit everything pending now (the client asked for it): treat as an endpoint."""
         if self._window.length:
-            self._queue.append(SpeechEnd(self._window.end_sample))
-        return self._advance()
+            self._detected([SpeechEnd(self._window.end_sample)])
+        return self._release(self._advance())
 
     def flush(self) -> list[Event]:
         """End of audio: the VAD closes any open utterance."""
-        self._queue.extend(self._vad.flush())
-        return self._advance()
+        self._detected(self._vad.flush())
+        return self._release(self._advance())
+
+    def _detected(self, events: list) -> None:
+        """Queue the VAD's events for the window; the speaker tracker takes them at once, with the noise floor
+        the VAD had then (the window may wait for a final decode, the tracker need not)."""
+        self._queue.extend(events)
+        if self._speakers is not None:
+            for event in events:
+                if isinstance(event, SpeechAudio):
+                    self._speakers.feed(event.start_sample, event.audio, self._vad.noise_floor_dbfs)
+                elif isinstance(event, SpeechEnd):
+                    self._speakers.end_utterance()
 
     @property
     def idle(self) -> bool:
-        """Nothing queued, nothing in flight, nothing waiting to be decoded."""
-        return not self._queue and self._pending is None and not self._ending and (
+        """Nothing queued, nothing in flight, nothing waiting to be decoded or labelled."""
+        return not self._queue and self._pending is None and not self._ending and not self._held and (
+            self._speakers is None or not self._speakers.busy) and (
             self._window.end_sample - self._decoded_to < self.options.min_chunk * SAMPLE_RATE)
 
     @property
@@ -140,8 +157,12 @@ class StreamCore:
 
     # --- work ----------------------------------------------------------------------------------------
 
-    def next_request(self) -> WindowRequest | None:
-        """The decode this stream needs now, or None. At most one request is in flight per stream."""
+    def next_request(self) -> Request | None:
+        """The work this stream needs now, or None: speaker embeddings first (cheap, and finals may wait for
+        them), else a decode. At most one request of each kind is in flight per stream; the decode in flight
+        is returned again until it is completed."""
+        if self._speakers is not None and (embed := self._speakers.next_request()) is not None:
+            return embed
         if self._pending is not None:
             return self._pending
         if self._ending:
@@ -173,8 +194,16 @@ class StreamCore:
         self._decoded_to = self._window.end_sample
         return self._pending
 
-    def complete(self, request: WindowRequest, reply: WindowReply) -> list[Event]:
+    def complete(self, request: Request, reply: Reply) -> list[Event]:
         """Take the result of ``request``; returns the events it produces."""
+        if isinstance(request, EmbedRequest):
+            if self._speakers is None:
+                raise ValueError("complete() got an embedding request from a stream without speaker labels")
+            self._speakers.complete(request, reply)
+            return self._release([])
+        return self._release(self._decoded(request, reply))
+
+    def _decoded(self, request: WindowRequest, reply: WindowReply) -> list[Event]:
         if request is not self._pending:
             raise ValueError("complete() got a request this stream did not issue or already completed")
         self._pending = None
@@ -218,6 +247,26 @@ class StreamCore:
         return events + self._advance()
 
     # --- internals -----------------------------------------------------------------------------------
+
+    def _release(self, events: list[Event]) -> list[Event]:
+        """With speaker labels, events leave in order once the finals before them are labelled; a final whose
+        words have two speakers leaves as two finals."""
+        if self._speakers is None:
+            return events
+        self._held.extend(events)
+        out: list[Event] = []
+        while self._held:
+            event = self._held[0]
+            if isinstance(event, Final):
+                labels = self._speakers.labels(event.words)
+                if labels is None:
+                    break
+                out += _by_speaker(event, labels)
+                self._speakers.forget(event.end)
+            else:
+                out.append(event)
+            self._held.popleft()
+        return out
 
     def _advance(self) -> list[Event]:
         """Apply queued VAD events until an utterance end waits for its last decode."""
@@ -366,6 +415,19 @@ class StreamCore:
         if gaps:
             return origin + min((_quietest(audio, a, b) for a, b in gaps), key=lambda q: q[1])[0]
         return origin + _quietest(audio, lo, hi)[0]
+
+
+def _by_speaker(final: Final, labels: list[int]) -> list[Final]:
+    """``final`` split where the speaker of its words changes, each part labelled."""
+    parts: list[Final] = []
+    start = 0
+    for i in range(1, len(labels) + 1):
+        if i == len(labels) or labels[i] != labels[start]:
+            words = final.words[start:i]
+            parts.append(Final(final.segment, "".join(w.text for w in words), words[0].start, words[-1].end,
+                               words, labels[start]))
+            start = i
+    return parts
 
 
 def _quietest(audio: np.ndarray, lo: int, hi: int) -> tuple[int, float]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 from functools import lru_cache
 
 import numpy as np
@@ -11,6 +12,7 @@ from torch import Tensor
 
 from .mel import N_FRAMES, log_mel_spectrogram
 from .model import Whisper
+from .speaker import SpeakerEncoder
 from .tokenizer import Tokenizer, load_tokenizer
 from .weights import choose_device, load_model
 
@@ -45,6 +47,8 @@ class Engine:
         self.model = model
         self.name = name
         self._tokenizer = tokenizer
+        self._speakers: SpeakerEncoder | None = None
+        self._speakers_lock = threading.Lock()
 
     @classmethod
     def load(cls, name_or_path: str = "tiny.en", device: str | None = None, dtype: str | None = None) -> Engine:
@@ -78,6 +82,15 @@ class Engine:
         if not self.multilingual:
             return self._tokenizer
         return self._tokenizer.with_options(language=language, task=task)
+
+    @property
+    def speakers(self) -> SpeakerEncoder:
+        """The speaker encoder, loaded on first use (float32, on the model's device); raises
+        :class:`streaming.engine.speaker.SpeakerModelMissing` naming the install command when it is missing."""
+        with self._speakers_lock:
+            if self._speakers is None:
+                self._speakers = SpeakerEncoder.load(device=self.model.device)
+            return self._speakers
 
     def mel(self, audio: np.ndarray | Tensor, padding: int = 0) -> Tensor:
         """Log-mel spectrogram [n_mels, frames] on the model's device."""

@@ -1,8 +1,9 @@
-"""One streaming window update on the engine: encode once, decode with fallback, align words.
+"""The core's requests run on the engine: a streaming window update (encode once, decode with fallback,
+align words) or the speaker embeddings of clips of speech.
 
-The streaming core describes the work as a :class:`WindowRequest`; whoever owns the engine (the
-embeddable recogniser inline, the server's scheduler on a worker thread) runs it and hands back a
-:class:`WindowReply`.
+The streaming core describes the work as a :class:`WindowRequest` or an :class:`EmbedRequest`; whoever owns
+the engine (the embeddable recogniser inline, the server's scheduler on a worker thread) runs it and hands
+back a :class:`WindowReply` or an :class:`EmbedReply`.
 """
 
 from __future__ import annotations
@@ -16,7 +17,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..core.messages import PROMPT_TOKENS, TRAILING_SILENCE, WindowReply, WindowRequest
+from ..core.messages import (
+    PROMPT_TOKENS,
+    TRAILING_SILENCE,
+    EmbedReply,
+    EmbedRequest,
+    Reply,
+    Request,
+    WindowReply,
+    WindowRequest,
+)
 from .alignment import AlignmentWindow, find_alignments
 from .decoding import (
     DecodingOptions,
@@ -235,3 +245,36 @@ def run_windows(engine: Engine, requests: list[WindowRequest],
     """:func:`iter_windows` as a list: one reply or exception per request, one stream's failure never
     failing another."""
     return list(iter_windows(engine, requests, policy))
+
+
+def embed(engine: Engine, requests: list[EmbedRequest]) -> list[EmbedReply]:
+    """The speaker embeddings of every request's clips, computed in one batch."""
+    vectors = engine.speakers.embed([clip for request in requests for clip in request.clips])
+    replies, start = [], 0
+    for request in requests:
+        replies.append(EmbedReply(vectors[start: start + len(request.clips)]))
+        start += len(request.clips)
+    return replies
+
+
+def run_request(engine: Engine, request: Request, policy: FallbackPolicy = FallbackPolicy()) -> Reply:
+    """:func:`run_window` or :func:`embed` for one request."""
+    if isinstance(request, EmbedRequest):
+        return embed(engine, [request])[0]
+    return run_window(engine, request, policy)
+
+
+def iter_requests(engine: Engine, requests: list[Request],
+                  policy: FallbackPolicy = FallbackPolicy()) -> Iterator[Reply | Exception]:
+    """A batch of the scheduler's in request order: the speaker embeddings together first (they are cheap),
+    then the window decodes as :func:`iter_windows` runs them."""
+    embeds = {i: r for i, r in enumerate(requests) if isinstance(r, EmbedRequest)}
+    embedded: dict[int, EmbedReply | Exception] = {}
+    if embeds:
+        try:
+            embedded = dict(zip(embeds, embed(engine, list(embeds.values()))))
+        except Exception as exc:  # noqa: BLE001 - handed back to the streams that asked
+            embedded = dict.fromkeys(embeds, exc)
+    windows = iter_windows(engine, [r for i, r in enumerate(requests) if i not in embeds], policy)
+    for i in range(len(requests)):
+        yield embedded[i] if i in embedded else next(windows)

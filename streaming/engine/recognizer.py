@@ -10,7 +10,7 @@ from ..core.events import Event
 from ..core.stream import StreamCore, StreamOptions
 from ..core.vad import SAMPLE_RATE
 from .engine import Engine
-from .inference import run_window
+from .inference import run_request
 
 
 class Recognizer:
@@ -22,12 +22,15 @@ class Recognizer:
     """
 
     def __init__(self, engine: Engine, options: StreamOptions = StreamOptions()):
+        """With ``options.diarize``, the speaker encoder loads now (SpeakerModelMissing names the install)."""
+        if options.diarize:
+            engine.speakers  # noqa: B018 - loads it, or raises naming the install command
         self.engine = engine
         self.core = StreamCore(options, engine.multilingual)
 
     def _run(self, events: list[Event]) -> list[Event]:
         while (request := self.core.next_request()) is not None:
-            events += self.core.complete(request, run_window(self.engine, request))
+            events += self.core.complete(request, run_request(self.engine, request))
         return events
 
     def feed(self, audio: np.ndarray) -> list[Event]:

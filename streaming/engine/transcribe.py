@@ -7,11 +7,14 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
+from ..core.agreement import Word
 from ..core.messages import WordTiming
-from ..core.vad import SpeechAudio, VadConfig, VoiceActivityDetector
+from ..core.speakers import SpeakerTracker
+from ..core.vad import SpeechAudio, SpeechEnd, VadConfig, VoiceActivityDetector
 from .alignment import find_alignment
 from .decoding import DecodingOptions, DecodingResult, FallbackPolicy, decode_with_fallback, detect_language, prefill
 from .engine import Engine
+from .inference import embed
 from .mel import FRAMES_PER_SECOND, HOP_LENGTH, N_FRAMES, N_SAMPLES, SAMPLE_RATE
 
 SECONDS_PER_TOKEN = 0.02
@@ -214,3 +217,24 @@ def _add_words(engine: Engine, tokenizer, features, segments: list[Segment], win
         if taken:
             segment.start, segment.end = taken[0].start, taken[-1].end
 
+
+
+def speaker_labels(engine: Engine, audio: np.ndarray, spans: list[tuple[float, float]]) -> list[int]:
+    """The speaker of each span (start, end seconds) of a recording (16 kHz mono float), labelled as a live
+    stream with ``diarize`` labels them: speech cut at pauses, every piece's voice clustered in time order."""
+    config = VadConfig()
+    vad, tracker = VoiceActivityDetector(config), SpeakerTracker(config)
+    frame = config.frame_ms * SAMPLE_RATE // 1000
+    for start in range(0, len(audio) + frame, frame):  # the detector's noise floor as it was at each frame
+        events = vad.feed(audio[start: start + frame]) if start < len(audio) else vad.flush()
+        for event in events:
+            if isinstance(event, SpeechAudio):
+                tracker.feed(event.start_sample, event.audio, vad.noise_floor_dbfs)
+            elif isinstance(event, SpeechEnd):
+                tracker.end_utterance()
+    tracker.end_utterance()
+    while (request := tracker.next_request()) is not None:
+        tracker.complete(request, embed(engine, [request])[0])
+    labels = tracker.labels([Word("", start, end, 1.0) for start, end in spans])
+    assert labels is not None  # every piece is decided once the audio has ended
+    return labels
