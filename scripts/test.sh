@@ -29,7 +29,7 @@ if [ ! -x .venv/bin/python ]; then
   .venv/bin/pip install -q --upgrade pip
 fi
 .venv/bin/pip install -q torch==2.13.0   # first: the CPU build on this machine's disk, not a CUDA download
-.venv/bin/pip install -q -e '.[test,base,wyoming]'
+.venv/bin/pip install -q -e '.[test,base,wyoming,bench]'
 .venv/bin/pip install -q --no-deps resemblyzer==0.1.4   # the speaker encoder's weights; its own deps are not needed
 
 if [ "$#" -eq 0 ]; then

@@ -51,7 +51,7 @@ def test_unknown_dtype_and_missing_cuda_are_clear_errors() -> None:
     if not torch.cuda.is_available():
         with pytest.raises(ModelLoadError, match="this torch build sees no CUDA GPU; use --device cpu"):
             Engine.load("tiny.en", device="cuda")
-    with pytest.raises(ModelLoadError, match="device 'tpu9' is not valid"):
+    with pytest.raises(ModelLoadError, match="--device 'tpu9' is not a device"):
         Engine.load("tiny.en", device="tpu9")
 
 

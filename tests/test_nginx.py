@@ -183,7 +183,7 @@ class Replica:
 
     def sessions(self) -> set[str]:
         """Ids of the streams this replica opened (from its log)."""
-        return set(re.findall(r"session (\w+): stream opened", self.log.read_text(errors="replace")))
+        return set(re.findall(r"session (\w+): \w+ stream opened", self.log.read_text(errors="replace")))
 
 
 def start_replica(run_dir: Path, index: int) -> Replica:
