@@ -30,11 +30,11 @@ STAGES = {"encode_window": "encode", "_prepare": "prefill", "_decode": "decode",
 
 def time_stages(engine: Engine, totals: dict[tuple[str, str], float], counts: dict[str, int],
                 lock: threading.Lock, drafts: bool = True) -> None:
-    """Wrap :func:`streaming.engine.inference.run_window` and its stages so that each stage adds its time to
+    """Wrap :func:`streaming.engine.inference.run_window` (which the recogniser runs for each request) and its stages so that each stage adds its time to
     ``totals[(kind, stage)]``, kind "interim" or "final"; each decode counts in ``counts[kind]`` and each
     decoder pass in ``counts[kind + " passes"]``. ``drafts=False`` runs every request without its draft."""
     kind = threading.local()
-    run_window, forward = recognizer.run_window, engine.model.decoder.forward
+    run_window, forward = inference.run_window, engine.model.decoder.forward
 
     def counted(engine, request, *args, **kwargs):
         kind.name = "final" if request.final else "interim"
@@ -47,7 +47,7 @@ def time_stages(engine: Engine, totals: dict[tuple[str, str], float], counts: di
             counts[kind.name + " passes"] += 1
         return forward(*args, **kwargs)
 
-    recognizer.run_window = counted  # the recogniser calls it by the name it imported
+    inference.run_window = counted  # run_request calls it by this name
     engine.model.decoder.forward = passes
     for name, label in STAGES.items():
         original = getattr(inference, name)

@@ -18,8 +18,10 @@ import time
 from pathlib import Path
 
 import numpy as np
+import soxr
 from evalkit import ROOT, load_stream, machine, scorer
 
+from streaming.core.audio import SAMPLE_RATE, PcmDecoder, to_pcm16
 from streaming.core.messages import EmbedRequest
 from streaming.core.stream import StreamCore, StreamOptions
 from streaming.core.vad import VadConfig
@@ -86,6 +88,13 @@ def play(engine: Engine, audio: np.ndarray, options: StreamOptions, speed: float
     return log, stats
 
 
+def as_recorded(audio: np.ndarray, rate: int) -> np.ndarray:
+    """``audio`` as a client recording at ``rate`` would send it (16-bit PCM), back through the server's decoder."""
+    pcm = to_pcm16(soxr.resample(audio, SAMPLE_RATE, rate, quality="VHQ"))
+    decoder = PcmDecoder(rate)
+    return np.concatenate([decoder.decode(pcm), decoder.flush()])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--streams", nargs="+", default=["en_prompts", "en_mixed", "noise_only"])
@@ -115,9 +124,14 @@ def main() -> None:
     parser.add_argument("--long-utterance-ms", type=int, default=VadConfig.long_utterance_ms,
                         help="past this, a pause of --long-endpoint-ms ends an utterance")
     parser.add_argument("--long-endpoint-ms", type=int, default=VadConfig.long_endpoint_ms)
+    parser.add_argument("--pause-ms", type=int, default=VadConfig.pause_ms,
+                        help="the final decode starts after this pause, before the endpoint (0: off)")
     parser.add_argument("--max-pending", type=float, default=StreamOptions.max_pending,
                         help="seconds of uncommitted speech after which an endpoint is forced")
     parser.add_argument("--beam-size", type=int, default=StreamOptions.beam_size)
+    parser.add_argument("--rate", type=int, default=SAMPLE_RATE,
+                        help="send the stream as 16-bit PCM at this rate (resampled offline with soxr VHQ), decoded "
+                             "by the server's PcmDecoder: the input resampler's effect on WER")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "out"))
     parser.add_argument("--debug-log", default=None, help="write the recogniser's debug log here")
     args = parser.parse_args()
@@ -135,7 +149,7 @@ def main() -> None:
                                           short_utterance_ms=args.short_utterance_ms,
                                           noise_margin_db=args.noise_margin_db,
                                           long_utterance_ms=args.long_utterance_ms,
-                                          long_endpoint_ms=args.long_endpoint_ms))
+                                          long_endpoint_ms=args.long_endpoint_ms, pause_ms=args.pause_ms))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     score = scorer().score
@@ -148,11 +162,13 @@ def main() -> None:
           f"context {args.context or 'window'} + {args.silence:g} s, "
           f"final context {args.final_context} s, "
           f"final beam {args.final_beam_size}, noise margin {args.noise_margin_db:g} dB, long utterance "
-          f"{args.long_utterance_ms} ms / {args.long_endpoint_ms} ms, max pending {args.max_pending:g} s, "
+          f"{args.long_utterance_ms} ms / {args.long_endpoint_ms} ms, pause {args.pause_ms} ms, max pending {args.max_pending:g} s, "
           f"{machine()}")
     print(f"{'stream':<18} {'WER %':>6} {'p50 s':>6} {'p90 s':>6} {'words':>6} {'cpu s/audio s':>14} {'decodes':>8}")
     for name in args.streams:
         audio, reference = load_stream(name)
+        if args.rate != SAMPLE_RATE:
+            audio = as_recorded(audio, args.rate)
         log, stats = play(engine, audio, options, args.speed)
         name = Path(name).stem
         path = out / f"{name}.jsonl"

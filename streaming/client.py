@@ -19,7 +19,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
 
 from .core.agreement import SENTENCE_END
-from .core.audio import SAMPLE_RATE
+from .core.audio import SAMPLE_RATE, to_pcm16
 from .formats import Cue, render
 
 PROTOCOL_VERSION = 1
@@ -79,10 +79,10 @@ class Transcript:
 
 def pcm_chunks(audio: np.ndarray, chunk_ms: float = 20) -> Iterator[bytes]:
     """16 kHz float audio in [-1, 1] as little-endian int16 chunks of ``chunk_ms`` milliseconds."""
-    pcm = (np.clip(np.asarray(audio, dtype=np.float32), -1.0, 1.0) * 32767).round().astype("<i2")
-    step = max(1, round(SAMPLE_RATE * chunk_ms / 1000))
+    pcm = to_pcm16(audio)
+    step = 2 * max(1, round(SAMPLE_RATE * chunk_ms / 1000))
     for i in range(0, len(pcm), step):
-        yield pcm[i : i + step].tobytes()
+        yield pcm[i : i + step]
 
 
 async def stream_audio(url: str, audio: Audio, *, speed: float = 1.0, chunk_ms: float = 20, token: str | None = None,

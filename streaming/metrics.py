@@ -55,6 +55,7 @@ class Metrics:
         self.heap_trims = 0
         self.heap_trim_seconds = 0.0
         self.shed_decodes = 0
+        self.skipped_speculative = 0
         self.batch_size = Histogram(BATCH_BUCKETS)
         self.queue_delay = Histogram(DELAY_BUCKETS)
 
@@ -90,6 +91,11 @@ class Metrics:
         """A final decode ran with a short audio context because the workers were overloaded."""
         with self._lock:
             self.shed_decodes += 1
+
+    def count_skipped(self) -> None:
+        """A speculative decode was not run: no worker was free for it."""
+        with self._lock:
+            self.skipped_speculative += 1
 
     def observe_heap_trim(self, seconds: float) -> None:
         """Freed memory was returned to the system, which took ``seconds``."""
@@ -132,6 +138,8 @@ class Metrics:
                                     self.heap_trim_seconds),
                 CounterMetricFamily(f"{p}_shed_decodes", "Final decodes run with a short audio context because "
                                     "they waited longer than --shed-after-ms.", self.shed_decodes),
+                CounterMetricFamily(f"{p}_skipped_speculative_decodes", "Final decodes asked for at a pause, before "
+                                    "the endpoint, and not run because no worker was free.", self.skipped_speculative),
                 GaugeMetricFamily(f"{p}_real_time_factor", "Inference seconds per second of audio received.", rtf),
                 self.batch_size.family(f"{p}_batch_size", "Window decodes per inference batch."),
                 self.queue_delay.family(f"{p}_queue_delay_seconds", "Time a decode waited for the inference worker."),

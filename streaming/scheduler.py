@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from .core.messages import EmbedRequest, Reply, Request
+from .core.messages import EmbedRequest, Reply, Request, WindowReply, WindowRequest
 from .engine.inference import iter_requests
 from .metrics import Metrics
 
@@ -71,7 +71,9 @@ class Scheduler:
     Speaker embeddings go first, all those waiting in one runner call: they are cheap (about 1/50 of a second
     of CPU per second of audio) and finals may wait for them. Then final decodes (the end of an utterance:
     most of the words a user waits for), one per runner call; interim decodes that wait together share a
-    batch. A final decode that waited longer than
+    batch. A speculative decode (the final decode asked for at a pause, before the endpoint is certain) runs
+    only if a worker is free for it when it arrives, else it is answered at once as skipped: it spends spare
+    capacity only. A final decode that waited longer than
     ``shed_after_ms`` (0: never) is overload: it runs with the short audio context of interim decodes (the
     window and its trailing silence instead of Whisper's 30 s), whose encoder pass costs about a third.
 
@@ -95,6 +97,7 @@ class Scheduler:
         self._finals: deque[_Job] = deque()
         self._interims: deque[_Job] = deque()
         self._ready = threading.Condition()
+        self._idle = 0  # workers waiting for work
         self._closed = False
         self._threads = [threading.Thread(target=self._work, name=f"whisper-stream-inference-{i}", daemon=True)
                          for i in range(workers)]
@@ -105,7 +108,10 @@ class Scheduler:
     def queued(self) -> int:
         """Requests waiting for a worker (abandoned ones included until a worker skips them)."""
         with self._ready:
-            return len(self._embeds) + len(self._finals) + len(self._interims)
+            return self._waiting()
+
+    def _waiting(self) -> int:
+        return len(self._embeds) + len(self._finals) + len(self._interims)
 
     async def submit(self, request: Request) -> Reply:
         """Run ``request`` on a worker; returns its reply or raises its exception.
@@ -118,6 +124,9 @@ class Scheduler:
         loop = asyncio.get_running_loop()
         job = _Job(request, loop.create_future(), loop)
         with self._ready:
+            if isinstance(request, WindowRequest) and request.speculative and self._idle <= self._waiting():
+                self.metrics.count_skipped()
+                return WindowReply(skipped=True)
             self._queue(request).append(job)
             self._ready.notify()
         try:
@@ -164,7 +173,9 @@ class Scheduler:
         in :meth:`close`)."""
         with self._ready:
             while not self._closed and not self._embeds and not self._finals and not self._interims:
+                self._idle += 1
                 self._ready.wait()
+                self._idle -= 1
             if self._closed:
                 return None
             if self._embeds:

@@ -311,6 +311,12 @@ def test_decoder_s16_passthrough_at_16k():
     np.testing.assert_allclose(PcmDecoder(16000).decode(ints.tobytes()), ints / 32768.0)
 
 
+def test_the_detector_hears_the_16_bit_pcm_the_client_sent():
+    """16-bit PCM at 16 kHz reaches webrtcvad bit for bit: decoding to float and back loses nothing."""
+    pcm = np.random.default_rng(0).integers(-32768, 32768, 48000).astype("<i2").tobytes()
+    assert audio.to_pcm16(PcmDecoder(16000).decode(pcm)) == pcm
+
+
 @pytest.mark.parametrize("width", sorted(audio.INTEGER_ENCODINGS))
 def test_decoder_integer_widths_read_as_wav_files_do(tmp_path, width):
     """Each integer encoding decodes, in chunks and resampled, exactly as a WAV file of that width reads."""

@@ -564,8 +564,8 @@ def copies_its_prompt(decoder: FakeDecoder) -> Callable[[Seen, list[int]], list[
 def leak_prompt_into_interim_requests(monkeypatch: pytest.MonkeyPatch) -> None:
     original = StreamCore._request
 
-    def leaky(self: StreamCore, final: bool) -> WindowRequest:
-        request = original(self, final)
+    def leaky(self: StreamCore, final: bool, speculative: bool = False) -> WindowRequest:
+        request = original(self, final, speculative)
         self._pending = dataclasses.replace(request, prompt=tuple(self._context[-PROMPT_TOKENS:]))
         return self._pending
 
@@ -609,6 +609,7 @@ def test_a_final_decode_that_restarts_the_utterance_commits_nothing_twice(
         return [decoder.word(i, seen.start, " Feel" if i == 0 else None) for i in seen.heard]
 
     decoder = FakeDecoder(stream, restart)
+    decoder.strict = guarded  # unguarded, the repeated words become a wrong forced prefix too
     events = drive(StreamCore(options()), decoder, stream.audio)
     if guarded:
         assert final_words(events) == FOREVER
@@ -736,3 +737,65 @@ def test_a_forced_commit_whose_decode_hears_nothing_loses_no_word() -> None:
     events = drive(StreamCore(options()), decoder, stream.audio)
     assert gave_up
     assert [w.tokens for e in finals(events) for w in e.words] == [(i,) for i in range(len(stream.words))]
+
+
+def drive_logged(core: StreamCore, decoder: FakeDecoder, audio: np.ndarray) -> tuple[list[Event], list[tuple]]:
+    """``drive`` with replies at once; also returns (samples fed, request, events) for every decode."""
+    events: list[Event] = []
+    log: list[tuple] = []
+    for offset in range(0, audio.size, CHUNK):
+        events += core.feed(audio[offset: offset + CHUNK])
+        while (request := core.next_request()) is not None:
+            new = core.complete(request, decoder(request))
+            log.append((offset + CHUNK, request, new))
+            events += new
+    events += core.flush()
+    events += serve(core, decoder)
+    return events, log
+
+
+def test_the_final_decode_starts_at_the_pause_and_the_endpoint_needs_no_other() -> None:
+    stream = build([sentence(5), sentence(4, 5)])
+    events, log = drive_logged(StreamCore(options()), decoder := FakeDecoder(stream), stream.audio)
+    check_transcript(events, stream)
+    assert len(decoder.seen) == len(log)
+    for _, end in stream.spans:
+        voiced_end = end * SR
+        last = [entry for entry in log if entry[0] <= voiced_end + (VAD.endpoint_ms + 100) * SR / 1000][-1]
+        fed, request, new = last
+        # The utterance's last decode is the full one (context, prompt, beam), asked for once the pause was
+        # pause_ms long, well before the endpoint; nothing else is decoded until the next utterance.
+        assert request.final and request.beam_size == StreamOptions.final_beam_size
+        assert VAD.pause_ms <= (fed - voiced_end) * 1000 / SR < VAD.endpoint_ms
+        later = [entry for entry in log if entry[0] > fed]
+        assert not later or later[0][0] > voiced_end + GAP * SR / 2
+        assert not any(isinstance(e, UtteranceEnd) for e in new)  # the end is still uncertain there
+
+
+def test_speech_that_goes_on_after_a_pause_gets_its_own_final_decode() -> None:
+    # 0.2 s of silence inside the utterance: announced as a pause, not an end.
+    stream = build([sentence(4), sentence(4, 4)], gap=0.2)
+    events, log = drive_logged(StreamCore(options()), FakeDecoder(stream), stream.audio)
+    assert final_words(events) == stream.texts
+    assert sum(isinstance(e, UtteranceEnd) for e in events) == 1
+    finals_asked = [fed / SR for fed, request, _ in log if request.final]
+    first_end, second_end = (end for _, end in stream.spans)
+    assert any(first_end < t < first_end + 0.2 for t in finals_asked)  # speculated at the inner pause
+    assert any(second_end < t < second_end + 0.3 for t in finals_asked)  # and again at the real end
+
+
+def test_a_skipped_speculative_decode_leaves_the_endpoint_its_own_final_decode() -> None:
+    stream = build([sentence(5), sentence(4, 5)])
+    decoder = FakeDecoder(stream)
+
+    def busy(request: WindowRequest) -> WindowReply:  # no worker free for any speculative decode
+        return WindowReply(skipped=True) if request.speculative else decoder(request)
+
+    events, log = drive_logged(StreamCore(options()), busy, stream.audio)
+    check_transcript(events, stream)
+    ends = [end * SR for _, end in stream.spans]
+    speculative = [fed for fed, request, _ in log if request.speculative]
+    finals = [fed for fed, request, _ in log if request.final and not request.speculative]
+    assert len(speculative) == len(finals) == 2
+    for end, asked, final in zip(ends, speculative, finals):  # asked at the pause, decoded at the endpoint
+        assert end < asked < end + VAD.endpoint_ms * SR / 1000 <= final

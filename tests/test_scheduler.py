@@ -368,3 +368,21 @@ async def test_a_final_decode_that_waited_past_shed_after_ms_runs_with_the_short
 def test_shed_after_ms_out_of_range_is_refused() -> None:
     with pytest.raises(ValueError, match="shed_after_ms=-1 is out of range"):
         Scheduler(object(), shed_after_ms=-1)
+
+
+async def test_a_speculative_decode_runs_on_a_free_worker_and_is_skipped_when_none_is() -> None:
+    runner = FakeRunner(hold_first=True)
+    speculative = replace(request(1), final=True, speculative=True)
+    async with busy_worker(runner) as (scheduler, first):
+        reply = await asyncio.wait_for(scheduler.submit(speculative), 1.0)  # answered at once, not queued
+        assert reply.skipped and not reply.words and scheduler.queued == 0
+        assert scheduler.metrics.skipped_speculative == 1
+        runner.release.set()
+        await first
+        for _ in range(100):  # the worker goes back to waiting
+            if scheduler._idle:
+                break
+            await asyncio.sleep(0.01)
+        reply = await scheduler.submit(speculative)
+        assert not reply.skipped and reply.language == "1.0"
+        assert runner.batches == [[0.0], [1.0]] and scheduler.metrics.skipped_speculative == 1

@@ -17,6 +17,7 @@ from streaming.core.vad import (
     SAMPLE_RATE,
     SpeechAudio,
     SpeechEnd,
+    SpeechPause,
     SpeechStart,
     VadConfig,
     VadEvent,
@@ -59,11 +60,18 @@ def utterances(events: list[VadEvent], audio: np.ndarray) -> list[tuple[int, int
     """Check the event grammar and return (start, end) sample pairs.
 
     Each utterance is SpeechStart, SpeechAudio chunks contiguous from the start to the end and equal to
-    the input audio there, then SpeechEnd; utterances are ordered and do not overlap.
+    the input audio there, then SpeechEnd; utterances are ordered and do not overlap. A SpeechPause comes
+    inside an utterance, after the audio of its voiced end, at most once per voiced end; SpeechEnd names a
+    voiced end inside its utterance.
     """
     spans: list[tuple[int, int]] = []
     start = cursor = None
+    pauses: set[int] = set()
     for event in events:
+        if isinstance(event, SpeechPause):
+            assert start is not None and start < event.voiced_end <= cursor and event.voiced_end not in pauses
+            pauses.add(event.voiced_end)
+            continue
         if isinstance(event, SpeechStart):
             assert start is None
             assert event.sample >= (spans[-1][1] if spans else 0)
@@ -73,7 +81,7 @@ def utterances(events: list[VadEvent], audio: np.ndarray) -> list[tuple[int, int
             np.testing.assert_array_equal(event.audio, audio[event.start_sample : event.end_sample])
             cursor = event.end_sample
         else:
-            assert start is not None and event.sample == cursor
+            assert start is not None and event.sample == cursor and start < event.voiced_end <= event.sample
             spans.append((start, event.sample))
             start = None
     assert start is None
@@ -126,7 +134,7 @@ def test_rejects_multichannel_audio() -> None:
 
 def test_pcm16_conversion_clips() -> None:
     pcm = np.frombuffer(to_pcm16(np.array([0.0, 0.5, 1.0, 2.0, -3.0], np.float32)), "<i2")
-    assert pcm.tolist() == [0, 16384, 32767, 32767, -32767]
+    assert pcm.tolist() == [0, 16384, 32767, 32767, -32768]
 
 
 # --- synthetic signals -----------------------------------------------------------------------------------
@@ -326,3 +334,24 @@ def test_speech_under_babble_ends_at_more_pauses_and_loses_nothing() -> None:
     ungated, _ = measure(VadConfig(noise_margin_db=0.0, long_utterance_ms=60000))
     assert gated >= ungated + 5  # measured 32 against 23 of 66
     assert missed < 0.005  # measured 0.16 %
+
+
+def test_a_pause_is_announced_before_the_end_it_may_become() -> None:
+    # A 0.2 s gap inside the utterance is announced and the utterance goes on; at the final pause the
+    # announcement comes first, and the end names the same voiced end.
+    audio = np.concatenate((silence(0.5), vowel(1.5), silence(0.2), vowel(1.5), silence(1.5)))
+    events = run(audio, chunk=480)
+    assert len(utterances(events, audio)) == 1
+    kinds = [type(e) for e in events if not isinstance(e, SpeechAudio)]
+    assert kinds == [SpeechStart, SpeechPause, SpeechPause, SpeechEnd]
+    first, last, end = (e for e in events if isinstance(e, SpeechPause | SpeechEnd))
+    assert abs(first.voiced_end - 2.0 * SAMPLE_RATE) <= 960 and last.voiced_end == end.voiced_end
+    cursor = max(e.end_sample for e in events[: events.index(last)] if isinstance(e, SpeechAudio))
+    assert cursor - last.voiced_end >= VadConfig().pause_ms * SAMPLE_RATE // 1000  # the pause audio is in
+
+
+def test_pauses_can_be_left_unannounced() -> None:
+    audio = np.concatenate((silence(0.5), vowel(1.5), silence(1.5)))
+    events = run(audio, config=VadConfig(pause_ms=0))
+    assert not any(isinstance(e, SpeechPause) for e in events)
+    assert any(isinstance(e, SpeechEnd) for e in events)

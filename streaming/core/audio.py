@@ -46,6 +46,12 @@ def integer_samples(data: memoryview, width: int) -> np.ndarray:
     return samples / 2.0 ** (8 * width - 1)
 
 
+def to_pcm16(audio: np.ndarray) -> bytes:
+    """Float audio to little-endian int16 bytes, the inverse of reading ``pcm_s16le``: 16-bit PCM decoded at
+    16 kHz comes back bit for bit (webrtcvad hears what the client sent). Out-of-range samples are clipped."""
+    return np.clip(np.rint(np.asarray(audio, dtype=np.float64) * 32768.0), -32768, 32767).astype("<i2").tobytes()
+
+
 def check_rate(name: str, rate: object) -> int:
     if not _is_int(rate) or rate <= 0:
         raise ValueError(f"{name} must be a positive integer number of Hz, got {rate!r}")

@@ -42,6 +42,7 @@ class WindowRequest:
     beam_size: int = 1
     context: float = 0.0  # encode at least this many seconds (window + silence); 30 = Whisper's full window
     silence: float = TRAILING_SILENCE  # and at least this much silence after the window
+    speculative: bool = False  # its result may go unused: worth running only on a worker with nothing else to do
 
 
 @dataclass
@@ -52,6 +53,7 @@ class WindowReply:
     no_speech_prob: float = 0.0
     avg_logprob: float = 0.0
     silence: bool = False
+    skipped: bool = False  # a speculative request not run: no worker was free for it
 
 
 @dataclass(frozen=True, eq=False)

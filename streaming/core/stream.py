@@ -19,7 +19,7 @@ from .guards import cut_loops, drop_redecoded
 from .languages import check_task
 from .messages import PROMPT_TOKENS, TRAILING_SILENCE, EmbedRequest, Reply, Request, WindowReply, WindowRequest
 from .speakers import SpeakerTracker
-from .vad import SAMPLE_RATE, SpeechAudio, SpeechEnd, SpeechStart, VadConfig, VoiceActivityDetector
+from .vad import SAMPLE_RATE, SpeechAudio, SpeechEnd, SpeechPause, SpeechStart, VadConfig, VoiceActivityDetector
 from .window import AudioWindow
 
 log = logging.getLogger(__name__)
@@ -114,6 +114,12 @@ class StreamCore:
         self._committed_end = 0.0  # stream seconds: the end of the last final word
         self._speakers = SpeakerTracker(options.vad) if options.diarize else None
         self._held: deque[Event] = deque()  # events behind a final whose speaker is not known yet
+        self._pause: int | None = None  # voiced_end of the pause heard last in this utterance
+        self._speculated: int | None = None  # the pause whose speculative final decode was asked for
+        self._speculation: WindowRequest | None = None  # that decode, while in flight
+        self._speculated_from = 0  # _decoded_to before it: it counts as a decode only if it stands
+        self._speculative: tuple[WindowRequest, WindowReply] | None = None  # its result, set aside
+        self._end_voiced: int | None = None  # voiced_end of the utterance's SpeechEnd
 
     # --- input ---------------------------------------------------------------------------------------
 
@@ -125,7 +131,7 @@ class StreamCore:
     def finalize(self) -> list[Event]:
         """Commit everything pending now (the client asked for it): treat as an endpoint."""
         if self._window.length:
-            self._detected([SpeechEnd(self._window.end_sample)])
+            self._detected([SpeechEnd(self._window.end_sample, self._vad.paused_since)])
         return self._release(self._advance())
 
     def flush(self) -> list[Event]:
@@ -148,6 +154,7 @@ class StreamCore:
     def idle(self) -> bool:
         """Nothing queued, nothing in flight, nothing waiting to be decoded or labelled."""
         return not self._queue and self._pending is None and not self._ending and not self._held and (
+            self._pause is None or self._pause == self._speculated) and (
             self._speakers is None or not self._speakers.busy) and (
             self._window.end_sample - self._decoded_to < self.options.min_chunk * SAMPLE_RATE)
 
@@ -166,13 +173,24 @@ class StreamCore:
         if self._pending is not None:
             return self._pending
         if self._ending:
-            return self._request(final=True) if self._final_decode_needed() else None
+            needed = not self._speculation_stands() and self._final_decode_needed()
+            return self._request(final=True) if needed else None
         if self._cut is not None:
             self._forced = self._request(final=True)
             return self._forced
+        if self._pause is not None and self._pause != self._speculated and self._window.length:
+            self._speculated, self._speculated_from = self._pause, self._decoded_to
+            self._speculation = self._request(final=True, speculative=True)
+            return self._speculation
         if self._window.end_sample - self._decoded_to < self.options.min_chunk * SAMPLE_RATE:
             return None
         return self._request(final=False)
+
+    def _speculation_stands(self) -> bool:
+        """The utterance ended at the pause where the decode that ends an utterance was run in advance
+        (speculatively), and no other decode came since: its result is the final decode's. It heard all of
+        the speech; only pause audio came after."""
+        return self._speculative is not None and self._end_voiced is not None and self._end_voiced == self._speculated
 
     def _final_decode_needed(self) -> bool:
         """At an endpoint, decode again if audio arrived since the last decode or words wait to be committed
@@ -180,17 +198,18 @@ class StreamCore:
         return (self._window.end_sample - self._decoded_to > FINAL_DECODE_MIN_NEW * SAMPLE_RATE
                 or self._agreement.pending)
 
-    def _request(self, final: bool) -> WindowRequest:
+    def _request(self, final: bool, speculative: bool = False) -> WindowRequest:
         """Interim decodes are cheap: a short audio context, greedy, no previous-text prompt (with a short
         context the prompt makes Whisper copy it). The decode at an endpoint, which commits the rest of the
         utterance, gets Whisper's full context, the prompt and beam search, as does a forced commit."""
         o = self.options
+        self._speculative = None  # set aside for a window that this decode changes
         self._pending = WindowRequest(
             audio=self._window.audio.copy(), prompt=tuple(self._context[-PROMPT_TOKENS:]) if final else (),
             prefix=tuple(t for w in self._window_words for t in w.tokens), draft=self._draft,
             initial_prompt=o.prompt, language=self.language, task=o.task, final=final,
             beam_size=o.final_beam_size if final else o.beam_size, context=o.final_context if final else o.context,
-            silence=o.silence)
+            silence=o.silence, speculative=speculative)
         self._decoded_to = self._window.end_sample
         return self._pending
 
@@ -207,6 +226,16 @@ class StreamCore:
         if request is not self._pending:
             raise ValueError("complete() got a request this stream did not issue or already completed")
         self._pending = None
+        if request is self._speculation:
+            # Set aside until the utterance ends at this pause (it stands) or speech goes on (it is dropped);
+            # meanwhile the interim decodes go on as if it had not run.
+            self._speculation, self._decoded_to = None, self._speculated_from
+            self._speculative = None if reply.skipped else (request, reply)
+            return self._advance()
+        return self._apply(request, reply)
+
+    def _apply(self, request: WindowRequest, reply: WindowReply) -> list[Event]:
+        """The events of a decode's result: commits, the partial, the utterance's end after a final decode."""
         forced, self._forced = request is self._forced, None
         if reply.silence and not request.final:
             # Nothing usable (noise, or a decode that looped or was improbable): keep the hypotheses so far;
@@ -282,8 +311,14 @@ class StreamCore:
                     self._window.open(ev.start_sample)
                     self._decoded_to = ev.start_sample
                 self._window.append(ev.start_sample, ev.audio)
+            elif isinstance(ev, SpeechPause):
+                self._pause = ev.voiced_end
             elif isinstance(ev, SpeechEnd):
-                self._ending = True
+                self._ending, self._end_voiced = True, ev.voiced_end
+        if self._ending and self._pending is None and self._speculation_stands():
+            request, reply = self._speculative
+            self._speculative = None
+            return events + self._apply(request, reply)
         if self._ending and self._pending is None and not self._final_decode_needed():
             events += self._commit(self._agreement.commit_all())
             events += self._end_utterance()
@@ -334,6 +369,7 @@ class StreamCore:
         self._window.open(self._window.end_sample)
         self._decoded_to = self._forced_from = self._window.end_sample
         self._ending, self._cut = False, None
+        self._pause = self._speculated = self._speculative = self._end_voiced = None
         return events
 
     def _trim(self) -> None:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import webrtcvad
 
-from .audio import SAMPLE_RATE
+from .audio import SAMPLE_RATE, to_pcm16
 
 _SAMPLES_PER_MS = SAMPLE_RATE // 1000
 
@@ -36,6 +36,7 @@ class VadConfig:
     noise_window_ms: int = 3000
     long_utterance_ms: int = 6000
     long_endpoint_ms: int = 150
+    pause_ms: int = 90
 
     def validate(self) -> None:
         """Raise ValueError naming the first field whose value is outside its allowed range."""
@@ -52,6 +53,7 @@ class VadConfig:
         _check("noise_window_ms", self.noise_window_ms, 300, 30000)
         _check("long_utterance_ms", self.long_utterance_ms, 1000, 60000)
         _check("long_endpoint_ms", self.long_endpoint_ms, self.frame_ms, self.endpoint_ms, " (must be <= endpoint_ms)")
+        _check("pause_ms", self.pause_ms, 0, self.long_endpoint_ms, " (0: off; must be <= long_endpoint_ms)")
 
 
 def _check(name: str, value: float, lo: float, hi: float, note: str = "") -> None:
@@ -80,18 +82,23 @@ class SpeechAudio:
 
 
 @dataclass(frozen=True)
+class SpeechPause:
+    """Nothing voiced for ``pause_ms`` since ``voiced_end``, the end of the last voiced frame: the utterance may
+    end here. It has ended here if its :class:`SpeechEnd` carries the same ``voiced_end``."""
+
+    voiced_end: int
+
+
+@dataclass(frozen=True)
 class SpeechEnd:
-    """The utterance ends at ``sample`` (last voiced sample + hangover)."""
+    """The utterance ends at ``sample`` (last voiced sample + hangover); ``voiced_end`` is the end of its last
+    voiced frame (None where the end was asked for rather than heard)."""
 
     sample: int
+    voiced_end: int | None = None
 
 
-VadEvent = SpeechStart | SpeechAudio | SpeechEnd
-
-
-def to_pcm16(audio: np.ndarray) -> bytes:
-    """Float audio in [-1, 1] to little-endian int16 bytes, clipping out-of-range samples."""
-    return np.rint(np.clip(audio, -1.0, 1.0) * 32767.0).astype("<i2").tobytes()
+VadEvent = SpeechStart | SpeechAudio | SpeechPause | SpeechEnd
 
 
 class VoiceActivityDetector:
@@ -107,6 +114,8 @@ class VoiceActivityDetector:
     decodes badly ("rear | right" became "We're"), and the wait costs latency only on short utterances.
     Once an utterance has gone on for ``long_utterance_ms``, a pause of ``long_endpoint_ms`` (the breath
     between phrases of continuous talk) ends it, so that utterances, and the windows decoded, stay bounded.
+    A pause of ``pause_ms`` inside an utterance is announced (:class:`SpeechPause`), so that the decode
+    that ends the utterance can start before the endpoint is certain.
     """
 
     def __init__(self, config: VadConfig | None = None) -> None:
@@ -126,6 +135,8 @@ class VoiceActivityDetector:
         self._frames = 0
         self._long = config.long_utterance_ms * _SAMPLES_PER_MS
         self._long_endpoint = config.long_endpoint_ms * _SAMPLES_PER_MS
+        self._pause = config.pause_ms * _SAMPLES_PER_MS
+        self._paused = False  # the current pause was announced
         self._recent: deque[tuple[int, bool]] = deque(maxlen=2 * self._min_frames)
         self._history_len = self._pre_pad + self._recent.maxlen * self._frame
         self._history = np.zeros(0, np.float32)  # idle audio ending at self._pos
@@ -142,6 +153,11 @@ class VoiceActivityDetector:
     def in_speech(self) -> bool:
         """True between a SpeechStart and its SpeechEnd."""
         return self._in_speech
+
+    @property
+    def paused_since(self) -> int | None:
+        """The ``voiced_end`` of the pause announced last, while it goes on; else None."""
+        return self._last_voiced_end if self._in_speech and self._paused else None
 
     @property
     def samples_seen(self) -> int:
@@ -218,6 +234,7 @@ class VoiceActivityDetector:
             events.append(SpeechAudio(self._emitted_end, np.concatenate((*self._pending, frame))))
             self._pending = []
             self._last_voiced_end = self._emitted_end = self._pos
+            self._paused = False
             return
         hang_end = self._last_voiced_end + self._hangover
         cut = min(max(hang_end - start, 0), frame.size)
@@ -226,6 +243,9 @@ class VoiceActivityDetector:
             self._emitted_end = start + cut
         if cut < frame.size:
             self._pending.append(frame[cut:])
+        if self._pause and not self._paused and self._pos - self._last_voiced_end >= self._pause:
+            events.append(SpeechPause(self._last_voiced_end))
+            self._paused = True
         spoken = self._last_voiced_end - self._onset
         endpoint = 2 * self._endpoint if spoken < self._short else self._endpoint
         if spoken >= self._long:
@@ -234,8 +254,8 @@ class VoiceActivityDetector:
             self._end(min(hang_end, self._pos), events)
 
     def _end(self, end: int, events: list[VadEvent]) -> None:
-        events.append(SpeechEnd(end))
-        self._in_speech = False
+        events.append(SpeechEnd(end, self._last_voiced_end))
+        self._in_speech = self._paused = False
         pause = np.concatenate((np.zeros(0, np.float32), *self._pending))
         self._history = pause[-self._history_len :]  # audio from `end` onwards, for the next pre-pad
         self._pending = []
