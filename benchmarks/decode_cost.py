@@ -30,7 +30,8 @@ STAGES = {"encode_window": "encode", "_prepare": "prefill", "_decode": "decode",
 
 def time_stages(engine: Engine, totals: dict[tuple[str, str], float], counts: dict[str, int],
                 lock: threading.Lock, drafts: bool = True) -> None:
-    """Wrap :func:`streaming.engine.inference.run_window` (which the recogniser runs for each request) and its stages so that each stage adds its time to
+    """Wrap :func:`streaming.engine.inference.run_window` (which the recogniser runs for each request) and its
+    stages so that each stage adds its time to
     ``totals[(kind, stage)]``, kind "interim" or "final"; each decode counts in ``counts[kind]`` and each
     decoder pass in ``counts[kind + " passes"]``. ``drafts=False`` runs every request without its draft."""
     kind = threading.local()

@@ -162,7 +162,8 @@ def main() -> None:
           f"context {args.context or 'window'} + {args.silence:g} s, "
           f"final context {args.final_context} s, "
           f"final beam {args.final_beam_size}, noise margin {args.noise_margin_db:g} dB, long utterance "
-          f"{args.long_utterance_ms} ms / {args.long_endpoint_ms} ms, pause {args.pause_ms} ms, max pending {args.max_pending:g} s, "
+          f"{args.long_utterance_ms} ms / {args.long_endpoint_ms} ms, pause {args.pause_ms} ms, "
+          f"max pending {args.max_pending:g} s, "
           f"{machine()}")
     print(f"{'stream':<18} {'WER %':>6} {'p50 s':>6} {'p90 s':>6} {'words':>6} {'cpu s/audio s':>14} {'decodes':>8}")
     for name in args.streams:

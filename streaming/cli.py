@@ -127,8 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--format", default="txt", choices=FORMATS)
     t.add_argument("--output", "-o", default=None, help="write here instead of stdout")
     t.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    t.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
-                   help="weights and activations (default: float32 on CPU, float16 on CUDA)")
+    t.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16", "int8"),
+                   help="weights and activations (default: float32 on CPU, float16 on CUDA); int8: CPU only, "
+                        "float32 weights whose products run quantized to int8")
     t.add_argument("--threads", type=int, default=None, help="torch threads (default: CPU count, max 4)")
     t.set_defaults(run=_transcribe)
     s = sub.add_parser("serve", help="run the streaming WebSocket server (protocol: docs/protocol.md)")
@@ -162,9 +163,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "so that decodes do not share Python's interpreter lock with each other or with the "
                         "network code (CPU only; default: off, workers are threads)")
     s.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    s.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
+    s.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16", "int8"),
                    help="weights and activations (default auto: float16 on CUDA; on CPU bfloat16 where the CPU has "
-                        "AMX or AVX-512 BF16, about 40%% less CPU per stream, else float32)")
+                        "AMX or AVX-512 BF16, about 40%% less CPU per stream, else float32; int8: CPU only, the "
+                        "products quantized to int8)")
     s.add_argument("--wyoming-uri", default=None, metavar="tcp://HOST:PORT",
                    help="also serve speech-to-text over the Wyoming protocol (Home Assistant, Rhasspy) here, "
                         "e.g. tcp://0.0.0.0:10300; shares the model and the stream limits (docs/wyoming.md)")

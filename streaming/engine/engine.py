@@ -16,7 +16,7 @@ from .speaker import SpeakerEncoder
 from .tokenizer import Tokenizer, load_tokenizer
 from .weights import choose_device, load_model
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "int8": torch.float32}
 
 
 def fast_cpu_dtype() -> str:
@@ -52,14 +52,16 @@ class Engine:
 
     @classmethod
     def load(cls, name_or_path: str = "tiny.en", device: str | None = None, dtype: str | None = None) -> Engine:
-        """``dtype``: float32, bfloat16 or float16 (default: float32 on CPU, float16 on CUDA); ``auto`` is
-        the default on CUDA and :func:`fast_cpu_dtype` on CPU."""
+        """``dtype``: float32, bfloat16, float16 or int8 (CPU only: float32 weights, products quantized per
+        call; default: float32 on CPU, float16 on CUDA); ``auto`` is the default on CUDA and
+        :func:`fast_cpu_dtype` on CPU."""
         chosen = choose_device(device)
         if dtype == "auto":
             dtype = None if chosen.type == "cuda" else fast_cpu_dtype()
         if dtype is not None and dtype not in DTYPES:
             raise ValueError(f"dtype {dtype!r} is not supported; use one of {', '.join(DTYPES)}")
-        loaded = load_model(name_or_path, device=chosen, dtype=DTYPES[dtype] if dtype else None)
+        loaded = load_model(name_or_path, device=chosen, dtype=DTYPES[dtype] if dtype else None,
+                            int8=dtype == "int8")
         tokenizer = load_tokenizer(loaded.vocab_source, multilingual=loaded.model.is_multilingual)
         return cls(loaded.model, tokenizer, loaded.name)
 
@@ -73,8 +75,8 @@ class Engine:
 
     @property
     def dtype_name(self) -> str:
-        """The weights' precision as its flag spells it: "float32", "bfloat16" or "float16"."""
-        return str(self.model.dtype).removeprefix("torch.")
+        """The precision as its flag spells it: "float32", "bfloat16", "float16" or "int8"."""
+        return "int8" if self.model.int8 else str(self.model.dtype).removeprefix("torch.")
 
     @lru_cache(maxsize=256)  # noqa: B019 - engines live as long as the process
     def tokenizer(self, language: str | None = None, task: str = "transcribe") -> Tokenizer:

@@ -137,13 +137,24 @@ def _row_bucket(rows: int) -> int:
     return -(-rows // step) * step
 
 
-def pack_weight(weight: Tensor) -> Tensor | None:
-    """``weight`` [out, in] reordered once into oneDNN's blocked layout, or None where that does not apply.
+Packed = Tensor | torch.ScriptObject
 
-    Only bfloat16 on CPU: there oneDNN otherwise reorders the whole weight on every call, which makes the
-    decoder's one-row products (a token step) up to three times slower; the vocabulary projection alone
+
+def pack_weight(weight: Tensor, bias: Tensor | None = None, int8: bool = False) -> Packed | None:
+    """``weight`` [out, in] prepared once for the CPU's products, or None where nothing applies.
+
+    ``int8``: quantized per output channel (symmetric) and prepacked for fbgemm's dynamically quantized
+    products, ``bias`` included; activations are quantized per call. On CPUs without fast bfloat16 this is
+    what makes the model cheaper than float32 (as CTranslate2's int8 does). Else bfloat16 on CPU only:
+    ``weight`` reordered into oneDNN's blocked layout, which oneDNN otherwise redoes on every call, making
+    the decoder's one-row products (a token step) up to three times slower; the vocabulary projection alone
     reorders 40 MB per step.
     """
+    if int8:
+        w = weight.detach().float()
+        scales = (w.abs().amax(dim=1) / 127).clamp(min=1e-8).double()
+        q = torch.quantize_per_channel(w, scales, torch.zeros_like(scales, dtype=torch.long), 0, torch.qint8)
+        return torch.ops.quantized.linear_prepack(q, None if bias is None else bias.detach().float())
     if weight.device.type != "cpu" or weight.dtype != torch.bfloat16 or not torch.backends.mkldnn.is_available():
         return None
     try:
@@ -152,15 +163,20 @@ def pack_weight(weight: Tensor) -> Tensor | None:
         return None
 
 
-def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, packed: Tensor | None = None) -> Tensor:
-    """``F.linear``; on CPU in half precision the rows are padded to a bucket size first, and ``packed``
-    (from :func:`pack_weight`, for this ``weight``) skips oneDNN's per-call weight reorder.
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, packed: Packed | None = None,
+           bucket: bool = True) -> Tensor:
+    """``F.linear``, or with an int8 ``packed`` (:func:`pack_weight`, for this ``weight`` and ``bias``) its
+    dynamically quantized product. On CPU in half precision the rows are padded to a bucket size first
+    (unless not ``bucket``), and ``packed`` skips oneDNN's per-call weight reorder.
 
     oneDNN, which runs those products, builds and caches a kernel (with its scratch memory) for every
     distinct shape: streaming windows of every length made memory grow by hundreds of MB. Bucketed
     shapes keep that cache small at the cost of a little padding.
     """
-    if x.device.type != "cpu" or x.dtype == torch.float32:
+    if isinstance(packed, torch.ScriptObject):
+        flat = x.reshape(-1, x.shape[-1])
+        return torch.ops.quantized.linear_dynamic(flat, packed, True).reshape(*x.shape[:-1], weight.shape[0])
+    if x.device.type != "cpu" or x.dtype == torch.float32 or not bucket:
         return F.linear(x, weight, bias)
     rows = x.numel() // x.shape[-1]
     flat, padding = x.reshape(rows, -1), _row_bucket(rows) - rows
@@ -173,18 +189,25 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, packed: Tensor
     return out[:rows].reshape(*x.shape[:-1], weight.shape[0])
 
 
-class BucketedLinear(nn.Linear):
-    """A linear layer for inputs of many row counts (the decoder's token sequences); see :func:`linear`.
-    The encoder needs none: its callers bucket the audio context to whole seconds."""
+class PackedLinear(nn.Linear):
+    """A linear layer whose weight can be prepared once for the CPU (:func:`pack_weight`). The encoder's
+    need no row buckets: its callers bucket the audio context to whole seconds."""
 
-    packed: Tensor | None = None
+    packed: Packed | None = None
+    bucket = False
 
-    def pack(self) -> None:
-        """Reorder the weight for the CPU once (:func:`pack_weight`); call again after changing dtype."""
-        self.packed = pack_weight(self.weight)
+    def pack(self, int8: bool = False) -> None:
+        """Prepare the weight (:func:`pack_weight`); call again after changing dtype."""
+        self.packed = pack_weight(self.weight, self.bias, int8)
 
     def forward(self, x: Tensor) -> Tensor:
-        return linear(x, self.weight, self.bias, self.packed)
+        return linear(x, self.weight, self.bias, self.packed, self.bucket)
+
+
+class BucketedLinear(PackedLinear):
+    """A linear layer for inputs of many row counts (the decoder's token sequences); see :func:`linear`."""
+
+    bucket = True
 
 
 class LayerNorm(nn.LayerNorm):
@@ -196,7 +219,7 @@ class LayerNorm(nn.LayerNorm):
 
 
 class MultiHeadAttention(nn.Module):
-    def __init__(self, n_state: int, n_head: int, linear_layer: type[nn.Linear] = nn.Linear):
+    def __init__(self, n_state: int, n_head: int, linear_layer: type[PackedLinear] = PackedLinear):
         super().__init__()
         self.n_head = n_head
         self.query = linear_layer(n_state, n_state)
@@ -243,7 +266,7 @@ class EncoderBlock(nn.Module):
         super().__init__()
         self.attn = MultiHeadAttention(n_state, n_head)
         self.attn_ln = LayerNorm(n_state)
-        self.mlp = nn.Sequential(nn.Linear(n_state, 4 * n_state), nn.GELU(), nn.Linear(4 * n_state, n_state))
+        self.mlp = nn.Sequential(PackedLinear(n_state, 4 * n_state), nn.GELU(), PackedLinear(4 * n_state, n_state))
         self.mlp_ln = LayerNorm(n_state)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -293,15 +316,15 @@ class TextDecoder(nn.Module):
         self.blocks = nn.ModuleList(DecoderBlock(dims.n_text_state, dims.n_text_head)
                                     for _ in range(dims.n_text_layer))
         self.ln = LayerNorm(dims.n_text_state)
-        self.packed_logits: Tensor | None = None  # the vocabulary projection's weight, see :meth:`pack`
+        self.packed_logits: Packed | None = None  # the vocabulary projection's weight, see :meth:`pack`
 
-    def pack(self) -> None:
-        """Reorder the weights of the token-by-token products once for the CPU (bfloat16 only; see
-        :func:`pack_weight`). Call again after moving the model to another dtype or device."""
+    def pack(self, int8: bool = False) -> None:
+        """Prepare the weights of the token-by-token products once for the CPU (:func:`pack_weight`: int8, or
+        bfloat16's layout). Call again after moving the model to another dtype or device."""
         for module in self.modules():
             if isinstance(module, BucketedLinear):
-                module.pack()
-        self.packed_logits = pack_weight(self.token_embedding.weight)
+                module.pack(int8)
+        self.packed_logits = pack_weight(self.token_embedding.weight, int8=int8)
 
     def new_cache(self, audio_features: Tensor, audio_mask: Tensor | None = None) -> KVCache:
         """An empty cache whose cross-attention keys/values are computed once from ``audio_features``."""
@@ -369,6 +392,19 @@ class Whisper(nn.Module):
             alignment_heads = [(layer, head) for layer in range(half, dims.n_text_layer)
                                for head in range(dims.n_text_head)]
         self.alignment_heads = [(int(layer), int(head)) for layer, head in alignment_heads]
+        self.int8 = False
+
+    def pack(self, int8: bool = False) -> None:
+        """Prepare the weights for the CPU (:func:`pack_weight`); with ``int8`` (float32 weights on CPU only)
+        every linear product, the encoder's and the vocabulary projection included, runs dynamically
+        quantized to int8."""
+        if int8 and (self.device.type != "cpu" or self.dtype != torch.float32):
+            raise ValueError("int8 runs on the CPU from float32 weights; use --device cpu")
+        self.int8 = int8
+        self.decoder.pack(int8)
+        for module in self.encoder.modules():
+            if isinstance(module, PackedLinear):
+                module.packed = pack_weight(module.weight, module.bias, int8=True) if int8 else None
 
     @property
     def is_multilingual(self) -> bool:

@@ -56,10 +56,11 @@ def choose_device(device: str | torch.device | None = None) -> torch.device:
 
 
 def load_model(name_or_path: str | os.PathLike, device: str | torch.device | None = None,
-               dtype: torch.dtype | None = None) -> LoadedModel:
+               dtype: torch.dtype | None = None, int8: bool = False) -> LoadedModel:
     """Load a named model (``tiny.en``, ``base``) or a local CTranslate2/OpenAI/Hugging Face model.
 
-    On :func:`choose_device`'s device; float32 on CPU and float16 on CUDA unless ``dtype`` says otherwise.
+    On :func:`choose_device`'s device; float32 on CPU and float16 on CUDA unless ``dtype`` says otherwise;
+    ``int8``: float32 weights whose products run quantized (:meth:`Whisper.pack`).
     """
     device = choose_device(device)
     dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
@@ -69,7 +70,7 @@ def load_model(name_or_path: str | os.PathLike, device: str | torch.device | Non
     else:
         model, vocab = _load_path(Path(spec).expanduser())
     model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
-    model.decoder.pack()
+    model.pack(int8)
     return LoadedModel(model, vocab, spec)
 
 
