@@ -1,4 +1,4 @@
-"""Deepgram's live-streaming API (``/v1/listen`` on a WebSocket) under ``/deepgram``: an adapter on the shared
+"""Deepgram's live-streaming API (``/v1/listen`` on a WebSocket): an adapter on the shared
 runtime (:mod:`streaming.websocket`), so that Deepgram's SDKs and clients stream to this server (docs/apis.md).
 
 The query parameters become the session's ``start`` options, checked at the handshake (HTTP 400 with a JSON
@@ -15,16 +15,14 @@ import uuid
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, urlsplit
 
-from websockets.asyncio.server import ServerConnection
-
 from .core.session import Action, EngineInfo, Send, Session
 from .core.vad import VadConfig
-from .websocket import Codec, serve_session
+from .websocket import Codec, WebSocket, serve_session
 
 if TYPE_CHECKING:
     from .server import Server
 
-PATH = "/deepgram/v1/listen"
+PATH = "/v1/listen"
 ENCODINGS = {"linear16": "pcm_s16le", "linear32": "pcm_s32le"}
 BOOLEANS = ("interim_results", "punctuate", "smart_format", "diarize", "vad_events", "numerals",
             "profanity_filter", "filler_words", "multichannel", "dictation", "no_delay", "mip_opt_out")
@@ -85,9 +83,9 @@ def _http_error(message: str) -> dict[str, Any]:
     return {"err_code": "INVALID_QUERY_PARAMETER", "err_msg": message, "request_id": str(uuid.uuid4())}
 
 
-async def serve_stream(server: Server, ws: ServerConnection) -> None:
+async def serve_stream(server: Server, ws: WebSocket) -> None:
     """Run one Deepgram live stream on ``ws`` (its query was checked at the handshake)."""
-    await serve_session(server, ws, DeepgramCodec(ws.request.path if ws.request else "", server.info.model))
+    await serve_session(server, ws, DeepgramCodec(ws.path, server.info.model))
 
 
 class DeepgramCodec(Codec):
