@@ -114,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="whisper-stream", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     t = sub.add_parser("transcribe", help="transcribe an audio file offline")
-    t.add_argument("file", help="audio file (WAV; other formats need ffmpeg on PATH)")
+    t.add_argument("file", help="audio file: WAV, FLAC, MP3, M4A, OGG, WebM... (decoded with PyAV)")
     t.add_argument("--model", default="tiny.en", help="tiny.en (default), base, or a local model path")
     t.add_argument("--language", default=None, help="language code; default: detect (multilingual models)")
     t.add_argument("--task", default="transcribe", choices=TASKS)
