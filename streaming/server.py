@@ -26,7 +26,7 @@ from typing import Any, Protocol
 
 from aiohttp import web
 
-from . import __version__, deepgram, native, openai_realtime
+from . import __version__, deepgram, native, openai_audio, openai_realtime
 from .admission import Admission
 from .core.session import DEFAULT_MAX_MESSAGE_BYTES, EngineInfo, error_message
 from .engine import speaker
@@ -46,7 +46,12 @@ HANDSHAKE_CHECKS: dict[str, QueryCheck] = {deepgram.PATH: deepgram.check_query,
                                            openai_realtime.PATH: openai_realtime.check_query}
 # The REST endpoints: (method, path) -> the adapter's handler.
 HttpHandler = Callable[["Server", web.Request], Awaitable[web.StreamResponse]]
-HTTP_ROUTES: dict[tuple[str, str], HttpHandler] = {}
+HTTP_ROUTES: dict[tuple[str, str], HttpHandler] = {
+    ("POST", openai_audio.TRANSCRIPTIONS): openai_audio.transcriptions,
+    ("POST", openai_audio.TRANSLATIONS): openai_audio.translations,
+    ("GET", openai_audio.MODELS): openai_audio.models,
+    ("GET", openai_audio.MODELS + "/{model}"): openai_audio.model,
+}
 
 # The browser client ships in the sibling `clients` package (installed beside `streaming`).
 INDEX_PATHS = (Path(__file__).resolve().parent.parent / "clients" / "web" / "index.html",)
@@ -77,6 +82,7 @@ class ServerConfig:
     max_utilization: float = 0.8  # 0: no admission control beyond max_streams
     heap_trim_seconds: float = 1.0  # 0: never return freed C heap memory to the system (see streaming.heap)
     shed_after_ms: float = 100.0  # 0: final decodes always get the full context (see streaming.scheduler)
+    max_upload_mb: float = 25.0  # the largest request body of the REST APIs (files to transcribe)
 
     def __post_init__(self) -> None:
         if self.max_streams < 1:
@@ -90,8 +96,15 @@ class ServerConfig:
         check_options(self.max_batch, self.max_wait_ms, self.workers, self.shed_after_ms)
         if not 0 <= self.heap_trim_seconds <= 3600:
             raise ValueError(f"heap_trim_seconds={self.heap_trim_seconds} is out of range; allowed: 0 (off) to 3600")
+        if not 0 < self.max_upload_mb <= 4096:
+            raise ValueError(f"max_upload_mb={self.max_upload_mb} is out of range; allowed: above 0, at most 4096")
         if self.token is not None and not self.token:
             raise ValueError("token is empty; pass a non-empty token or none to disable authentication")
+
+
+    @property
+    def max_upload_bytes(self) -> int:
+        return int(self.max_upload_mb * 1_000_000)
 
 
 class RefusalLog:
