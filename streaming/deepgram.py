@@ -72,15 +72,11 @@ def check_query(engine: EngineInfo, query: dict[str, list[str]]) -> tuple[int, d
     try:
         start = parse_query(query)
     except BadQuery as exc:
-        return 400, _http_error(str(exc))
+        return 400, http_error("INVALID_QUERY_PARAMETER", str(exc))
     for action in Session(engine).receive(start):  # the session's own checks (language, rate, channels)
         if isinstance(action, Send) and action.message["type"] == "error":
-            return 400, _http_error(action.message["message"])
+            return 400, http_error("INVALID_QUERY_PARAMETER", action.message["message"])
     return None
-
-
-def _http_error(message: str) -> dict[str, Any]:
-    return {"err_code": "INVALID_QUERY_PARAMETER", "err_msg": message, "request_id": str(uuid.uuid4())}
 
 
 async def serve_stream(server: Server, ws: WebSocket) -> None:
@@ -159,17 +155,31 @@ class DeepgramCodec(Codec):
 
     def _results(self, message: dict[str, Any]) -> dict[str, Any]:
         final = message["type"] == "final"
-        words = [{"word": _plain(w["word"]), "start": w["start"], "end": w["end"], "confidence": w["probability"],
-                  "punctuated_word": w["word"].strip()} for w in message.get("words", [])]
-        confidence = round(sum(w["confidence"] for w in words) / len(words), 4) if words else 0.0
+        words = [word(w) for w in message.get("words", [])]
         results = {"type": "Results", "channel_index": [0, 1], "duration": round(message["end"] - message["start"], 3),
                    "start": message["start"], "is_final": final, "speech_final": message.get("speech_final", False),
-                   "channel": {"alternatives": [{"transcript": message["text"].strip(), "confidence": confidence,
+                   "channel": {"alternatives": [{"transcript": message["text"].strip(), "confidence": confidence(words),
                                                  "words": words}]},
                    "metadata": self.metadata}
         if final:
             results["from_finalize"] = self._finalizing
         return results
+
+
+def word(w: dict[str, Any]) -> dict[str, Any]:
+    """Deepgram's word object for a native one (:func:`streaming.core.events.word_dict`)."""
+    return {"word": _plain(w["word"]), "start": w["start"], "end": w["end"], "confidence": w["probability"],
+            "punctuated_word": w["word"].strip()}
+
+
+def confidence(words: list[dict[str, Any]]) -> float:
+    """A transcript's confidence: its words' mean."""
+    return round(sum(w["confidence"] for w in words) / len(words), 4) if words else 0.0
+
+
+def http_error(code: str, message: str) -> dict[str, Any]:
+    """Deepgram's JSON error body."""
+    return {"err_code": code, "err_msg": message, "request_id": str(uuid.uuid4())}
 
 
 def _plain(word: str) -> str:

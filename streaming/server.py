@@ -26,7 +26,7 @@ from typing import Any, Protocol
 
 from aiohttp import web
 
-from . import __version__, deepgram, native, openai_audio, openai_realtime
+from . import __version__, deepgram, deepgram_prerecorded, native, openai_audio, openai_realtime
 from .admission import Admission
 from .core.session import DEFAULT_MAX_MESSAGE_BYTES, EngineInfo, error_message
 from .engine import speaker
@@ -51,6 +51,7 @@ HTTP_ROUTES: dict[tuple[str, str], HttpHandler] = {
     ("POST", openai_audio.TRANSLATIONS): openai_audio.translations,
     ("GET", openai_audio.MODELS): openai_audio.models,
     ("GET", openai_audio.MODELS + "/{model}"): openai_audio.model,
+    ("POST", deepgram_prerecorded.PATH): deepgram_prerecorded.transcribe,
 }
 
 # The browser client ships in the sibling `clients` package (installed beside `streaming`).
