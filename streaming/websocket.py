@@ -5,6 +5,7 @@ outbox, stops reading while too much audio or too many messages wait, and runs t
 for on the server's shared scheduler. A :class:`Codec` is what differs between wire protocols: how client
 messages become session calls and how the session's (native) messages look on the wire. Admission,
 authentication and draining are the front's (:mod:`streaming.server`); the protocol's rules are the session's.
+:class:`WebSocket` is the one place that knows the connection is aiohttp's.
 """
 
 from __future__ import annotations
