@@ -14,8 +14,9 @@ import contextlib
 import threading
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+import numpy as np
 from aiohttp import BodyPartReader, web
 
 from .audiofile import decode_audio
@@ -87,7 +88,7 @@ class Job:
     def drain(self) -> None:
         """An upload's answer is its whole transcript: it goes on until done or the drain deadline."""
 
-    async def decode(self, data: bytes, name: str) -> Any:
+    async def decode(self, data: bytes, name: str) -> np.ndarray:
         """The upload as 16 kHz mono float (decoded on a thread); 400 when it is not audio."""
         try:
             audio = await asyncio.to_thread(decode_audio, data, SAMPLE_RATE, name, MAX_AUDIO_SECONDS)
@@ -96,7 +97,7 @@ class Job:
         self.server.metrics.add_audio(len(audio) / SAMPLE_RATE)
         return audio
 
-    async def transcribe(self, audio: Any, options: TranscribeOptions,
+    async def transcribe(self, audio: np.ndarray, options: TranscribeOptions,
                          on_segment: Callable[[Segment], None] | None = None) -> Transcript:
         """``audio`` transcribed on the scheduler; ``on_segment`` is called on this event loop."""
         loop = asyncio.get_running_loop()

@@ -10,6 +10,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 from aiohttp import MultipartReader, web
 
 from .core.events import word_dict
@@ -177,7 +178,7 @@ async def _handle(server: Server, request: web.Request, task: str) -> web.Stream
     return _response(transcript, options, task)
 
 
-async def _stream(job: Job, request: web.Request, audio: Any, options: Options) -> web.StreamResponse:
+async def _stream(job: Job, request: web.Request, audio: np.ndarray, options: Options) -> web.StreamResponse:
     """The transcript as server-sent events: a ``transcript.text.delta`` per segment as it is decoded, then
     ``transcript.text.done`` (or an ``error`` event, the status being sent already)."""
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})

@@ -102,7 +102,6 @@ class ServerConfig:
         if self.token is not None and not self.token:
             raise ValueError("token is empty; pass a non-empty token or none to disable authentication")
 
-
     @property
     def max_upload_bytes(self) -> int:
         return int(self.max_upload_mb * 1_000_000)
