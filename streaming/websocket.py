@@ -47,6 +47,23 @@ PING_SECONDS = 20.0
 CLOSED_POLL_SECONDS = 0.5
 
 
+# After a protocol error (an oversize message), how long the connection stays open after the close frame.
+CLOSE_GRACE_SECONDS = 1.0
+
+
+class WebSocketResponse(web.WebSocketResponse):
+    """aiohttp's WebSocket response, except that after a protocol error the TCP connection closes a moment after
+    the close frame (1009 for an oversize message) instead of at once: closing with the rest of the client's
+    message unread resets the connection, and the client could lose the close frame."""
+
+    def _close_transport(self) -> None:
+        transport = self._req.transport if self._req is not None else None
+        if self._exception is None or transport is None:
+            super()._close_transport()
+            return
+        asyncio.get_running_loop().call_later(CLOSE_GRACE_SECONDS, transport.close)
+
+
 class ConnectionClosed(Exception):
     """The WebSocket is closed: the client left, or either side closed it."""
 
@@ -56,6 +73,7 @@ class WebSocket:
 
     def __init__(self, request: web.Request, ws: web.WebSocketResponse):
         self.request, self._ws = request, ws
+        self.closing = False  # this side started the closing handshake
         self.path = request.path_qs
         self.peer = peer(request)
 
@@ -73,6 +91,8 @@ class WebSocket:
             raise ConnectionClosed(str(exc)) from exc
 
     async def close(self, code: int, reason: str = "") -> None:
+        """Send the close frame and wait for the client's (the connection's reader returns meanwhile)."""
+        self.closing = True
         await self._ws.close(code=code, message=reason.encode())
 
     async def wait_closed(self) -> None:
@@ -214,8 +234,8 @@ class SessionStream:
         try:
             # The writer returns after sending Close; the reader or `closed` end first when the client leaves.
             await asyncio.wait({reader, writer, closed}, return_when=asyncio.FIRST_COMPLETED)
-            if self.crashed:
-                await writer  # send the internal error and close 1011
+            if self.crashed or self.ws.closing:
+                await writer  # send the internal error and close 1011; finish the closing handshake
             if writer.done() and writer.exception() is not None:
                 raise writer.exception()
         finally:
