@@ -96,7 +96,7 @@ async def over_wyoming(port: int, pcm: bytes) -> tuple[float, str]:
 
 async def over_websocket(port: int, pcm: bytes) -> tuple[float, str]:
     """One command through our WebSocket protocol: stop -> done seconds, and the finals' text."""
-    async with connect(f"ws://127.0.0.1:{port}/v1/listen") as ws:
+    async with connect(f"ws://127.0.0.1:{port}/v1/stream") as ws:
         await ws.send(json.dumps({"type": "start", "language": "en"}))
         finals: list[str] = []
 

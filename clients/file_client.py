@@ -35,7 +35,7 @@ def _speed(value: str) -> float:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("file", help="audio file (WAV; MP3, FLAC, OGG, M4A... need ffmpeg on PATH)")
+    parser.add_argument("file", help="audio file: WAV, FLAC, MP3, M4A, OGG, WebM... (decoded with PyAV)")
     parser.add_argument("--url", default=DEFAULT_URL, help=f"server stream endpoint (default: {DEFAULT_URL})")
     parser.add_argument("--speed", type=_speed, default=1.0,
                         help="1 = real time (default), N = N times faster, 0 = as fast as possible")

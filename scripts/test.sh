@@ -3,13 +3,13 @@
 #   bash scripts/test.sh [pytest arguments]      default: -m "not bench"
 # Python side: .venv with torch 2.13.0 (the CPU build, installed first), the test, base and wyoming extras and
 # the speaker encoder's weights (resemblyzer, without its dependencies).
-# System side: Debian's chromium (browser test), nginx (load-balancer test) and ffmpeg (CLI on non-WAV
-# files), installed with apt-get when run as root; otherwise the missing ones are named with the command.
+# System side: Debian's chromium (browser test) and nginx (load-balancer test), installed with apt-get when
+# run as root; otherwise the missing ones are named with the command. Audio formats need no system ffmpeg (PyAV).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 missing=()
-for tool in chromium nginx ffmpeg; do
+for tool in chromium nginx; do
   command -v "$tool" >/dev/null 2>&1 || [ -x "/usr/sbin/$tool" ] || missing+=("$tool")
 done
 if [ "${#missing[@]}" -gt 0 ]; then

@@ -1,13 +1,14 @@
-"""Reading audio files: WAV natively, anything else through an ffmpeg executable; 16 kHz mono float out."""
+"""Reading audio files: WAV natively, anything else (FLAC, MP3, MP4/M4A, OGG, WebM...) with PyAV's FFmpeg
+libraries in-process; 16 kHz mono float out."""
 
 from __future__ import annotations
 
 import errno
+import io
 import os
-import shutil
 import struct
-import subprocess
 
+import av
 import numpy as np
 
 from .core.audio import INTEGER_ENCODINGS, SAMPLE_RATE, AudioFormatError, check_rate, integer_samples, resample
@@ -15,42 +16,62 @@ from .core.audio import INTEGER_ENCODINGS, SAMPLE_RATE, AudioFormatError, check_
 _WAVE_FORMAT_PCM = 0x0001
 _WAVE_FORMAT_IEEE_FLOAT = 0x0003
 _WAVE_FORMAT_EXTENSIBLE = 0xFFFE
+# What the upload APIs promise (OpenAI's list); PyAV reads many more.
+FORMATS = ("flac", "mp3", "mp4", "mpeg", "mpga", "m4a", "ogg", "wav", "webm")
 
 
 def read_audio(path: str | os.PathLike, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
-    """Read an audio file as float32 mono in [-1, 1] at ``sample_rate``, averaging channels.
-
-    WAV (integer PCM 8/16/24/32-bit, IEEE float 32/64-bit, plain or WAVE_FORMAT_EXTENSIBLE) is decoded
-    natively; anything else needs an ``ffmpeg`` executable on PATH.
-    """
-    sample_rate = check_rate("sample_rate", sample_rate)
+    """Read an audio file as float32 mono in [-1, 1] at ``sample_rate``, averaging channels (see
+    :func:`decode_audio`)."""
     path = os.fspath(path)
     try:
         with open(path, "rb") as f:
             buf = f.read()
     except FileNotFoundError:
         raise FileNotFoundError(errno.ENOENT, "audio file not found", path) from None
+    return decode_audio(buf, sample_rate, repr(path))
+
+
+def decode_audio(buf: bytes, sample_rate: int = SAMPLE_RATE, name: str = "the audio",
+                 max_seconds: float | None = None) -> np.ndarray:
+    """Decode a whole audio file's bytes as float32 mono in [-1, 1] at ``sample_rate``, averaging channels.
+
+    WAV (integer PCM 8/16/24/32-bit, IEEE float 32/64-bit, plain or WAVE_FORMAT_EXTENSIBLE) is decoded
+    natively, anything else with PyAV (the first audio stream of any container FFmpeg reads). ``name`` names
+    the file in errors (:class:`AudioFormatError`); audio longer than ``max_seconds`` is refused as it is decoded.
+    """
+    sample_rate = check_rate("sample_rate", sample_rate)
     if not buf:
-        raise AudioFormatError(f"{path!r} is empty: provide a WAV file or another ffmpeg-readable format")
+        raise AudioFormatError(f"{name} is empty: provide an audio file ({', '.join(FORMATS)})")
     if buf[:4] != b"RIFF" or buf[8:12] != b"WAVE":
         if buf[:4] == b"RIFF" and len(buf) < 12:
-            raise AudioFormatError(f"{path!r} is a truncated WAV file (header incomplete); re-export it")
-        return _decode_ffmpeg(path, sample_rate, "is not a WAV file")
-    decoded = _parse_wav(memoryview(buf), path)
+            raise AudioFormatError(f"{name} is a truncated WAV file (header incomplete); re-export it")
+        return _decode_av(buf, sample_rate, name, "is not a WAV file", max_seconds)
+    decoded = _parse_wav(memoryview(buf), name)
     if isinstance(decoded, str):
-        return _decode_ffmpeg(path, sample_rate, decoded)
+        return _decode_av(buf, sample_rate, name, decoded, max_seconds)
     audio, rate = decoded
+    _check_length(len(audio) / rate, name, max_seconds)
     if rate != sample_rate:
         audio = resample(audio, rate, sample_rate)
     return np.clip(audio, -1.0, 1.0).astype(np.float32)
 
 
+class AudioTooLong(AudioFormatError):
+    """The audio runs longer than the caller allows."""
+
+
+def _check_length(seconds: float, name: str, max_seconds: float | None) -> None:
+    if max_seconds is not None and seconds > max_seconds:
+        raise AudioTooLong(f"{name} is longer than {max_seconds:g} s; split it into shorter files")
+
+
 def _corrupt(path: str, cause: str) -> AudioFormatError:
-    return AudioFormatError(f"{path!r} is not a valid WAV file ({cause}); re-export or re-download it")
+    return AudioFormatError(f"{path} is not a valid WAV file ({cause}); re-export or re-download it")
 
 
 def _parse_wav(buf: memoryview, path: str) -> tuple[np.ndarray, int] | str:
-    """Decode RIFF/WAVE bytes to (mono float64, rate), or return why ffmpeg is needed instead."""
+    """Decode RIFF/WAVE bytes to (mono float64, rate), or return why PyAV has to decode them instead."""
     pos, fmt = 12, None
     while pos + 8 <= len(buf):
         chunk, size = struct.unpack_from("<4sI", buf, pos)
@@ -92,19 +113,25 @@ def _decode_wav_data(
     return np.clip(samples, -1.0, 1.0).reshape(n, channels).mean(axis=1), rate
 
 
-def _decode_ffmpeg(path: str, sample_rate: int, reason: str) -> np.ndarray:
-    exe = shutil.which("ffmpeg")
-    if exe is None:
-        raise AudioFormatError(
-            f"{path!r} {reason}: only WAV (PCM or float) is decoded natively; install ffmpeg and put it "
-            "on PATH to read MP3, FLAC, OGG, M4A and other formats, or convert the file to WAV"
-        )
-    cmd = [exe, "-nostdin", "-hide_banner", "-loglevel", "error", "-i", os.path.abspath(path)]
-    cmd += ["-f", "s16le", "-ac", "1", "-ar", str(sample_rate), "-"]
-    proc = subprocess.run(cmd, capture_output=True, check=False)
-    if proc.returncode != 0:
-        lines = proc.stderr.decode(errors="replace").split("\n")
-        detail = "; ".join(line.strip() for line in lines if line.strip()) or f"exit status {proc.returncode}"
-        raise AudioFormatError(f"{path!r} {reason}, and ffmpeg could not decode it either ({detail}): "
-                               "check that it is an audio file")
-    return np.frombuffer(proc.stdout, dtype="<i2", count=len(proc.stdout) // 2).astype(np.float32) / 32768.0
+def _decode_av(buf: bytes, sample_rate: int, name: str, reason: str, max_seconds: float | None) -> np.ndarray:
+    """The first audio stream of ``buf`` with PyAV, resampled to ``sample_rate`` with its channels averaged."""
+    pieces: list[np.ndarray] = []
+    samples = 0
+    try:
+        with av.open(io.BytesIO(buf), mode="r") as container:
+            if not container.streams.audio:
+                raise AudioFormatError(f"{name} {reason} and holds no audio stream: send an audio file")
+            stream = container.streams.audio[0]
+            resampler = av.AudioResampler(format="fltp", rate=sample_rate)  # planar: one row per channel
+            for frame in container.decode(stream):
+                for out in resampler.resample(frame):
+                    pieces.append(out.to_ndarray().mean(axis=0))
+                    samples += out.samples
+                _check_length(samples / sample_rate, name, max_seconds)
+            pieces += [out.to_ndarray().mean(axis=0) for out in resampler.resample(None)]
+    except av.FFmpegError as exc:
+        raise AudioFormatError(f"{name} {reason}, and it could not be decoded as audio either ({exc}): send "
+                               f"an audio file ({', '.join(FORMATS)})") from None
+    if not pieces:
+        raise AudioFormatError(f"{name} {reason} and its audio stream holds no samples: send a longer file")
+    return np.clip(np.concatenate(pieces), -1.0, 1.0).astype(np.float32)

@@ -114,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="whisper-stream", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     t = sub.add_parser("transcribe", help="transcribe an audio file offline")
-    t.add_argument("file", help="audio file (WAV; other formats need ffmpeg on PATH)")
+    t.add_argument("file", help="audio file: WAV, FLAC, MP3, M4A, OGG, WebM... (decoded with PyAV)")
     t.add_argument("--model", default="tiny.en", help="tiny.en (default), base, or a local model path")
     t.add_argument("--language", default=None, help="language code; default: detect (multilingual models)")
     t.add_argument("--task", default="transcribe", choices=TASKS)
@@ -144,6 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-utilization", type=float, default=0.8,
                    help="refuse new streams (overloaded) when the measured inference load with one more would "
                         "exceed this share of the workers' time (default: 0.8; 0: off)")
+    s.add_argument("--max-upload-mb", type=float, default=25.0,
+                   help="largest file the REST APIs accept, in MB (default: 25, as OpenAI's); larger ones get 413")
     s.add_argument("--drain-seconds", type=float, default=10.0, help="on SIGTERM, time to finish open streams")
     s.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
                    help="inference worker threads (default: 2, or 1 on a single CPU)")
@@ -231,7 +233,7 @@ def _serve(args: argparse.Namespace) -> int:
                               drain_seconds=args.drain_seconds, max_batch=args.max_batch,
                               max_wait_ms=args.max_wait_ms, workers=args.workers,
                               max_utilization=args.max_utilization, heap_trim_seconds=args.heap_trim_seconds,
-                              shed_after_ms=args.shed_after_ms)
+                              shed_after_ms=args.shed_after_ms, max_upload_mb=args.max_upload_mb)
         if args.wyoming_uri is not None:
             from .wyoming import check_zeroconf, parse_uri
 

@@ -1,6 +1,6 @@
 """A small asyncio client for the streaming protocol: send audio, collect the transcript.
 
->>> transcript = asyncio.run(stream_audio("ws://127.0.0.1:8765/v1/listen", read_audio("talk.wav"), speed=0))
+>>> transcript = asyncio.run(stream_audio("ws://127.0.0.1:8765/v1/stream", read_audio("talk.wav"), speed=0))
 >>> print(transcript.render("srt"))
 """
 
@@ -23,7 +23,7 @@ from .core.audio import SAMPLE_RATE, to_pcm16
 from .formats import Cue, render
 
 PROTOCOL_VERSION = 1
-DEFAULT_URL = "ws://127.0.0.1:8765/v1/listen"
+DEFAULT_URL = "ws://127.0.0.1:8765/v1/stream"
 MAX_CUE_SECONDS = 7.0  # a caption cue ends at a sentence end, an utterance end, or after this long
 _SAMPLE_BYTES = {"pcm_s16le": 2, "pcm_f32le": 4}
 
@@ -173,7 +173,7 @@ def _refusal_message(url: str, status: int, body: bytes | None, token: str | Non
                "the server requires a token: pass it with --token (or token=...)")
         return f"{url} refused the connection (HTTP 401 unauthorized): {fix}"
     if status == 404:
-        return f"{url} was not found (HTTP 404): the stream endpoint is /v1/listen, e.g. {DEFAULT_URL}"
+        return f"{url} was not found (HTTP 404): the stream endpoint is /v1/stream, e.g. {DEFAULT_URL}"
     return f"{url} refused the connection (HTTP {status}): {detail or 'no reason given'}"
 
 
@@ -184,7 +184,7 @@ async def _send(ws: ClientConnection, audio: Iterable[bytes] | AsyncIterable[byt
         await asyncio.wait_for(ready.wait(), ready_timeout)
     except asyncio.TimeoutError:
         raise ClientError(f"the server sent no 'ready' message within {ready_timeout:g} s; check that the URL points "
-                          "at a whisper-stream server (path /v1/listen)") from None
+                          "at a whisper-stream server (path /v1/stream)") from None
     loop = asyncio.get_running_loop()
     try:
         await ws.send(json.dumps({"type": "start", **options}))

@@ -1,4 +1,4 @@
-"""Deepgram's live-streaming API (``/v1/listen`` on a WebSocket) under ``/deepgram``: an adapter on the shared
+"""Deepgram's live-streaming API (``/v1/listen`` on a WebSocket): an adapter on the shared
 runtime (:mod:`streaming.websocket`), so that Deepgram's SDKs and clients stream to this server (docs/apis.md).
 
 The query parameters become the session's ``start`` options, checked at the handshake (HTTP 400 with a JSON
@@ -15,16 +15,14 @@ import uuid
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, urlsplit
 
-from websockets.asyncio.server import ServerConnection
-
 from .core.session import Action, EngineInfo, Send, Session
 from .core.vad import VadConfig
-from .websocket import Codec, serve_session
+from .websocket import Codec, WebSocket, serve_session
 
 if TYPE_CHECKING:
     from .server import Server
 
-PATH = "/deepgram/v1/listen"
+PATH = "/v1/listen"
 ENCODINGS = {"linear16": "pcm_s16le", "linear32": "pcm_s32le"}
 BOOLEANS = ("interim_results", "punctuate", "smart_format", "diarize", "vad_events", "numerals",
             "profanity_filter", "filler_words", "multichannel", "dictation", "no_delay", "mip_opt_out")
@@ -74,20 +72,16 @@ def check_query(engine: EngineInfo, query: dict[str, list[str]]) -> tuple[int, d
     try:
         start = parse_query(query)
     except BadQuery as exc:
-        return 400, _http_error(str(exc))
+        return 400, http_error("INVALID_QUERY_PARAMETER", str(exc))
     for action in Session(engine).receive(start):  # the session's own checks (language, rate, channels)
         if isinstance(action, Send) and action.message["type"] == "error":
-            return 400, _http_error(action.message["message"])
+            return 400, http_error("INVALID_QUERY_PARAMETER", action.message["message"])
     return None
 
 
-def _http_error(message: str) -> dict[str, Any]:
-    return {"err_code": "INVALID_QUERY_PARAMETER", "err_msg": message, "request_id": str(uuid.uuid4())}
-
-
-async def serve_stream(server: Server, ws: ServerConnection) -> None:
+async def serve_stream(server: Server, ws: WebSocket) -> None:
     """Run one Deepgram live stream on ``ws`` (its query was checked at the handshake)."""
-    await serve_session(server, ws, DeepgramCodec(ws.request.path if ws.request else "", server.info.model))
+    await serve_session(server, ws, DeepgramCodec(ws.path, server.info.model))
 
 
 class DeepgramCodec(Codec):
@@ -161,17 +155,31 @@ class DeepgramCodec(Codec):
 
     def _results(self, message: dict[str, Any]) -> dict[str, Any]:
         final = message["type"] == "final"
-        words = [{"word": _plain(w["word"]), "start": w["start"], "end": w["end"], "confidence": w["probability"],
-                  "punctuated_word": w["word"].strip()} for w in message.get("words", [])]
-        confidence = round(sum(w["confidence"] for w in words) / len(words), 4) if words else 0.0
+        words = [word(w) for w in message.get("words", [])]
         results = {"type": "Results", "channel_index": [0, 1], "duration": round(message["end"] - message["start"], 3),
                    "start": message["start"], "is_final": final, "speech_final": message.get("speech_final", False),
-                   "channel": {"alternatives": [{"transcript": message["text"].strip(), "confidence": confidence,
+                   "channel": {"alternatives": [{"transcript": message["text"].strip(), "confidence": confidence(words),
                                                  "words": words}]},
                    "metadata": self.metadata}
         if final:
             results["from_finalize"] = self._finalizing
         return results
+
+
+def word(w: dict[str, Any]) -> dict[str, Any]:
+    """Deepgram's word object for a native one (:func:`streaming.core.events.word_dict`)."""
+    return {"word": _plain(w["word"]), "start": w["start"], "end": w["end"], "confidence": w["probability"],
+            "punctuated_word": w["word"].strip()}
+
+
+def confidence(words: list[dict[str, Any]]) -> float:
+    """A transcript's confidence: its words' mean."""
+    return round(sum(w["confidence"] for w in words) / len(words), 4) if words else 0.0
+
+
+def http_error(code: str, message: str) -> dict[str, Any]:
+    """Deepgram's JSON error body."""
+    return {"err_code": code, "err_msg": message, "request_id": str(uuid.uuid4())}
 
 
 def _plain(word: str) -> str:

@@ -15,11 +15,9 @@ import json
 import uuid
 from typing import TYPE_CHECKING, Any
 
-from websockets.asyncio.server import ServerConnection
-
 from .core.session import Action, EngineInfo, Send, Session
 from .core.vad import VadConfig
-from .websocket import Codec, serve_session
+from .websocket import Codec, WebSocket, serve_session
 
 if TYPE_CHECKING:
     from .server import Server
@@ -52,7 +50,7 @@ def check_query(engine: EngineInfo, query: dict[str, list[str]]) -> tuple[int, d
                            "param": "intent"}}
 
 
-async def serve_stream(server: Server, ws: ServerConnection) -> None:
+async def serve_stream(server: Server, ws: WebSocket) -> None:
     """Run one Realtime transcription session on ``ws``."""
     await serve_session(server, ws, RealtimeCodec(server.info))
 

@@ -5,6 +5,7 @@ outbox, stops reading while too much audio or too many messages wait, and runs t
 for on the server's shared scheduler. A :class:`Codec` is what differs between wire protocols: how client
 messages become session calls and how the session's (native) messages look on the wire. Admission,
 authentication and draining are the front's (:mod:`streaming.server`); the protocol's rules are the session's.
+:class:`WebSocket` is the one place that knows the connection is aiohttp's.
 """
 
 from __future__ import annotations
@@ -15,8 +16,7 @@ import logging
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
-from websockets.asyncio.server import ServerConnection
-from websockets.exceptions import ConnectionClosed
+from aiohttp import WSMsgType, web
 
 from .core.session import (
     INTERNAL_ERROR,
@@ -41,6 +41,64 @@ log = logging.getLogger(__name__)
 # never); past MAX_OUTBOX the server also stops reading the client's audio until the queue drains.
 LAG_MESSAGES = 16
 MAX_OUTBOX = 256
+# Keepalive: a ping this often; a client that does not answer within half of it is gone.
+PING_SECONDS = 20.0
+# How often a stream whose reader is paused looks whether its client is still connected.
+CLOSED_POLL_SECONDS = 0.5
+
+
+# After a protocol error (an oversize message), how long the connection stays open after the close frame.
+CLOSE_GRACE_SECONDS = 1.0
+
+
+class WebSocketResponse(web.WebSocketResponse):
+    """aiohttp's WebSocket response, except that after a protocol error the TCP connection closes a moment after
+    the close frame (1009 for an oversize message) instead of at once: closing with the rest of the client's
+    message unread resets the connection, and the client could lose the close frame."""
+
+    def _close_transport(self) -> None:
+        transport = self._req.transport if self._req is not None else None
+        if self._exception is None or transport is None:
+            super()._close_transport()
+            return
+        asyncio.get_running_loop().call_later(CLOSE_GRACE_SECONDS, transport.close)
+
+
+class ConnectionClosed(Exception):
+    """The WebSocket is closed: the client left, or either side closed it."""
+
+
+class WebSocket:
+    """One accepted WebSocket (aiohttp's) as the adapters use it: text or bytes in, text out, a close code."""
+
+    def __init__(self, request: web.Request, ws: web.WebSocketResponse):
+        self.request, self._ws = request, ws
+        self.closing = False  # this side started the closing handshake
+        self.path = request.path_qs
+        self.peer = peer(request)
+
+    async def recv(self) -> str | bytes:
+        """The next message; raises :class:`ConnectionClosed` once the connection closes."""
+        message = await self._ws.receive()
+        if message.type in (WSMsgType.TEXT, WSMsgType.BINARY):
+            return message.data
+        raise ConnectionClosed(f"{message.type.name.lower()}: {message.extra or ''}")
+
+    async def send(self, text: str) -> None:
+        try:
+            await self._ws.send_str(text)
+        except (ConnectionError, RuntimeError) as exc:  # RuntimeError: aiohttp's "closed" on some paths
+            raise ConnectionClosed(str(exc)) from exc
+
+    async def close(self, code: int, reason: str = "") -> None:
+        """Send the close frame and wait for the client's (the connection's reader returns meanwhile)."""
+        self.closing = True
+        await self._ws.close(code=code, message=reason.encode())
+
+    async def wait_closed(self) -> None:
+        """Return once the connection is closed, even while nobody reads it."""
+        while not self._ws.closed and self.request.transport is not None and not self.request.transport.is_closing():
+            await asyncio.sleep(CLOSED_POLL_SECONDS)
 
 
 class Codec:
@@ -68,11 +126,11 @@ class Codec:
         return [message]
 
 
-async def serve_session(server: Server, ws: ServerConnection, codec: Codec) -> None:
+async def serve_session(server: Server, ws: WebSocket, codec: Codec) -> None:
     """Run one stream of ``codec``'s protocol on ``ws`` until it ends or the client leaves."""
     # The handshake checks capacity (HTTP 503); this catches handshakes that passed it at the same time. A
     # stream accepted while the server drains is ended at once, like the others.
-    reason = None if server.draining else server.admit(peer(ws))
+    reason = None if server.draining else server.admit(ws.peer)
     if reason is not None:
         await _send_all(ws, codec, refusal(*reason, TRY_AGAIN_LATER))
         return
@@ -81,7 +139,7 @@ async def serve_session(server: Server, ws: ServerConnection, codec: Codec) -> N
     task = asyncio.current_task()
     assert task is not None
     server.open_stream(task, connection)
-    log.info("session %s: %s stream opened from %s", session.id, type(codec).__name__, peer(ws))
+    log.info("session %s: %s stream opened from %s", session.id, type(codec).__name__, ws.peer)
     try:
         if server.draining:
             connection.apply(session.drain())
@@ -139,7 +197,7 @@ class _Outbox:
 class SessionStream:
     """Runs one session on one WebSocket: a reader, a writer that keeps messages in order, decode tasks."""
 
-    def __init__(self, ws: ServerConnection, session: Session, codec: Codec, scheduler: Scheduler,
+    def __init__(self, ws: WebSocket, session: Session, codec: Codec, scheduler: Scheduler,
                  metrics: Metrics, idle_timeout: float):
         self.ws, self.session, self.codec, self.scheduler, self.metrics = ws, session, codec, scheduler, metrics
         self.idle_timeout = idle_timeout or None
@@ -147,6 +205,9 @@ class SessionStream:
         self.decodes: set[asyncio.Task] = set()
         self.progress = asyncio.Event()
         self.crashed = False
+
+    def drain(self) -> None:
+        self.apply(self.session.drain())
 
     def apply(self, actions: list[Action]) -> None:
         """Queue messages in order and start decodes (never blocks)."""
@@ -173,8 +234,8 @@ class SessionStream:
         try:
             # The writer returns after sending Close; the reader or `closed` end first when the client leaves.
             await asyncio.wait({reader, writer, closed}, return_when=asyncio.FIRST_COMPLETED)
-            if self.crashed:
-                await writer  # send the internal error and close 1011
+            if self.crashed or self.ws.closing:
+                await writer  # send the internal error and close 1011; finish the closing handshake
             if writer.done() and writer.exception() is not None:
                 raise writer.exception()
         finally:
@@ -240,7 +301,7 @@ class SessionStream:
         self.progress.set()
 
 
-async def _send_all(ws: ServerConnection, codec: Codec, actions: list[Action]) -> None:
+async def _send_all(ws: WebSocket, codec: Codec, actions: list[Action]) -> None:
     try:
         for action in actions:
             if isinstance(action, Send):
@@ -252,7 +313,7 @@ async def _send_all(ws: ServerConnection, codec: Codec, actions: list[Action]) -
         pass
 
 
-def peer(ws: ServerConnection) -> str:
+def peer(request: web.BaseRequest) -> str:
     """The client's address as host:port, for logs."""
-    address = ws.remote_address
+    address = request.transport.get_extra_info("peername") if request.transport else None
     return f"{address[0]}:{address[1]}" if isinstance(address, tuple) else str(address)

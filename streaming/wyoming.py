@@ -143,6 +143,9 @@ class _Command:
         self.streaming = False  # transcript-start sent
         self.over = False  # the session closed, or the client left
 
+    def drain(self) -> None:
+        self.apply(self.session.drain())
+
     def apply(self, actions: list[Action]) -> None:
         """Start decodes and send the session's messages as Wyoming events, in order (never blocks)."""
         for action in actions:

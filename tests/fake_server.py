@@ -83,7 +83,7 @@ class FakeServer:
     @contextlib.asynccontextmanager
     async def running(self) -> AsyncIterator[FakeServer]:
         async with serve(self._handle, "127.0.0.1", 0, process_request=self._process_request) as server:
-            self.url = f"ws://127.0.0.1:{server.sockets[0].getsockname()[1]}/v1/listen"
+            self.url = f"ws://127.0.0.1:{server.sockets[0].getsockname()[1]}/v1/stream"
             yield self
 
     def _process_request(self, connection: ServerConnection, request: Request) -> Response | None:
@@ -92,7 +92,7 @@ class FakeServer:
             response = connection.respond(200, self.page.read_text(encoding="utf-8"))
             response.headers["Content-Type"] = "text/html; charset=utf-8"
             return response
-        if url.path != "/v1/listen":
+        if url.path != "/v1/stream":
             return connection.respond(404, "not found\n")
         self.requests.append(request)
         given = request.headers.get("Authorization", "").removeprefix("Bearer ")

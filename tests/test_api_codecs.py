@@ -26,7 +26,7 @@ def test_deepgram_parameters_become_a_native_start() -> None:
 
 
 def test_deepgram_marks_the_last_final_of_an_utterance_speech_final() -> None:
-    codec = DeepgramCodec("/deepgram/v1/listen?vad_events=true&utterance_end_ms=1000", "tiny.en")
+    codec = DeepgramCodec("/v1/listen?vad_events=true&utterance_end_ms=1000", "tiny.en")
     word = {"word": " Hello,", "start": 0.5, "end": 0.9, "probability": 0.8}
     batch = [Send({"type": "final", "segment": 0, "text": " Hello,", "start": 0.5, "end": 0.9, "words": [word]}),
              Send({"type": "partial", "segment": 0, "revision": 2, "text": "", "start": 1.0, "end": 1.0}),

@@ -72,7 +72,7 @@ def open_page(chromium: Any, profile: Path, audio: Path, url: str) -> Iterator[A
 
 def page_url(server_url: str, query: str = "") -> str:
     """The page's address on the server whose stream endpoint is ``server_url``."""
-    return server_url.replace("ws://", "http://").replace("/v1/listen", "/") + query
+    return server_url.replace("ws://", "http://").replace("/v1/stream", "/") + query
 
 
 @pytest.fixture

@@ -6,7 +6,6 @@ import importlib.resources
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import wave
@@ -149,22 +148,13 @@ def test_missing_file(tmp_path) -> None:
     assert_one_line_error(cli("transcribe", path), f"cannot read {path}", "not found")
 
 
-@pytest.mark.parametrize("ffmpeg", ["absent", "present"])
-def test_non_audio_file(tmp_path, ffmpeg) -> None:
-    """The message names the file and says it is not audio, whether or not ffmpeg had a try at it."""
-    env = dict(os.environ)
-    if ffmpeg == "absent":
-        env["PATH"] = str(tmp_path)  # the CLI runs as sys.executable; nothing else is needed on PATH
-        expected = "install ffmpeg"
-    elif shutil.which("ffmpeg") is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("CI must have ffmpeg on PATH (apt-get install ffmpeg)")
-        pytest.skip("ffmpeg is not installed: apt-get install ffmpeg")
-    else:
-        expected = "ffmpeg could not decode it"
+def test_non_audio_file(tmp_path) -> None:
+    """The message names the file and says it is not audio; no ffmpeg executable is involved."""
+    env = {**os.environ, "PATH": str(tmp_path)}  # the CLI runs as sys.executable; nothing else is needed on PATH
     path = tmp_path / "notes.txt"
     path.write_text("not audio at all\n")
-    assert_one_line_error(cli("transcribe", path, env=env), f"cannot read {path}", "not a WAV file", expected)
+    assert_one_line_error(cli("transcribe", path, env=env), f"cannot read {path}", "not a WAV file",
+                          "could not be decoded as audio")
 
 
 def test_corrupt_wav(tmp_path) -> None:

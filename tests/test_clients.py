@@ -102,11 +102,11 @@ def test_speed_paces_the_audio() -> None:
 
 def test_bad_arguments_are_refused_before_connecting() -> None:
     with pytest.raises(ValueError, match="speed=-1"):
-        stream("ws://127.0.0.1:9/v1/listen", tone(0.1), speed=-1)
+        stream("ws://127.0.0.1:9/v1/stream", tone(0.1), speed=-1)
     with pytest.raises(ValueError, match="16 kHz pcm_s16le"):
-        stream("ws://127.0.0.1:9/v1/listen", tone(0.1), start_options={"sample_rate": 8000})
+        stream("ws://127.0.0.1:9/v1/stream", tone(0.1), start_options={"sample_rate": 8000})
     with pytest.raises(ValueError, match="encoding 'mp3'"):
-        stream("ws://127.0.0.1:9/v1/listen", [b""], start_options={"encoding": "mp3"})
+        stream("ws://127.0.0.1:9/v1/stream", [b""], start_options={"encoding": "mp3"})
 
 
 def test_token_goes_in_the_authorization_header() -> None:
@@ -120,15 +120,15 @@ def test_token_goes_in_the_authorization_header() -> None:
 
 
 def test_connection_refused_says_how_to_start_the_server() -> None:
-    url = f"ws://127.0.0.1:{free_port()}/v1/listen"
+    url = f"ws://127.0.0.1:{free_port()}/v1/stream"
     with pytest.raises(ClientError, match=r"connection refused; is the server running\? start it with "
                                           r"`whisper-stream serve`"):
         stream(url, tone(0.1))
 
 
 @pytest.mark.parametrize(("url", "message"), [
-    ("http://127.0.0.1:1/v1/listen", "invalid server URL"),
-    ("ws://no-such-host.invalid:8765/v1/listen", "unknown host"),
+    ("http://127.0.0.1:1/v1/stream", "invalid server URL"),
+    ("ws://no-such-host.invalid:8765/v1/stream", "unknown host"),
 ])
 def test_bad_urls(url: str, message: str) -> None:
     with pytest.raises(ClientError, match=message):
@@ -136,8 +136,8 @@ def test_bad_urls(url: str, message: str) -> None:
 
 
 def test_wrong_path_names_the_endpoint() -> None:
-    with fake_server() as server, pytest.raises(ClientError, match="HTTP 404.*/v1/listen"):
-        stream(server.url.replace("/v1/listen", "/listen"), tone(0.1))
+    with fake_server() as server, pytest.raises(ClientError, match="HTTP 404.*/v1/stream"):
+        stream(server.url.replace("/v1/stream", "/listen"), tone(0.1))
 
 
 def test_an_error_that_ends_the_stream_raises_with_the_server_message() -> None:
@@ -350,7 +350,7 @@ def exit_code(main: Callable[[list[str]], int], argv: list[str]) -> int:
     (["ok.wav", "--speed", "-2"], 2, "argument --speed: '-2' is not a speed"),
     (["ok.wav", "--format", "doc"], 2, "argument --format: invalid choice"),
     (["ok.wav", "-o", "no/out.txt"], 2, "cannot write no/out.txt: its directory does not exist"),
-    (["ok.wav", "--url", "ws://127.0.0.1:{port}/v1/listen"], 1,
+    (["ok.wav", "--url", "ws://127.0.0.1:{port}/v1/stream"], 1,
      "connection refused; is the server running\\? start it with `whisper-stream serve`"),
 ])
 def test_file_client_errors_exit_with_one_clear_message(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
@@ -380,7 +380,7 @@ def test_file_client_exits_1_on_a_server_error(tmp_path: Path, capsys: pytest.Ca
 def test_mic_client_arguments() -> None:
     parse = mic_client.build_parser().parse_args
     args = parse([])
-    assert (args.device, args.url, args.list_devices, args.format) == (None, "ws://127.0.0.1:8765/v1/listen",
+    assert (args.device, args.url, args.list_devices, args.format) == (None, "ws://127.0.0.1:8765/v1/stream",
                                                                        False, "txt")
     assert parse(["--device", "3"]).device == 3 and parse(["--device", "USB Mic"]).device == "USB Mic"
     assert parse(["--list-devices"]).list_devices

@@ -25,10 +25,10 @@ CHUNK_SECONDS = 0.1
 
 
 def client(server: Server) -> AsyncDeepgramClient:
-    """The SDK pointed at the server: it appends /v1/listen to the environment's WebSocket base."""
+    """The SDK pointed at the server by its base URL alone: it appends /v1/listen (and ws:// for live)."""
     base = f"127.0.0.1:{server.port}"
-    environment = DeepgramClientEnvironment(base=f"http://{base}/deepgram", production=f"ws://{base}/deepgram",
-                                            agent=f"ws://{base}/deepgram", agent_rest=f"http://{base}/deepgram")
+    environment = DeepgramClientEnvironment(base=f"http://{base}", production=f"ws://{base}", agent=f"ws://{base}",
+                                            agent_rest=f"http://{base}")
     return AsyncDeepgramClient(api_key="any key", environment=environment)
 
 
@@ -83,7 +83,7 @@ async def test_bad_parameters_are_refused_at_the_handshake_with_a_json_error(eng
             assert refused.value.status_code == 400, params
         # The body, as a client without the SDK reads it.
         status, body = await asyncio.to_thread(refused_handshake,
-                                               f"http://127.0.0.1:{server.port}/deepgram/v1/listen?encoding=opus")
+                                               f"http://127.0.0.1:{server.port}/v1/listen?encoding=opus")
         assert status == 400 and body["err_code"] == "INVALID_QUERY_PARAMETER" and "opus" in body["err_msg"]
 
 

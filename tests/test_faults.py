@@ -123,7 +123,7 @@ async def raw_handshake(port: int, request: bytes) -> None:
     writer.transport.abort()
 
 
-HANDSHAKE = (b"GET /v1/listen HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+HANDSHAKE = (b"GET /v1/stream HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
              b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
 
 
@@ -132,7 +132,7 @@ async def test_clients_that_vanish_at_every_point_of_the_protocol_leave_nothing_
     fds_before = len(os.listdir("/proc/self/fd"))
     async with Server(engine, ServerConfig(port=0)) as server:
         tasks_before = len(asyncio.all_tasks())
-        await raw_handshake(server.port, b"GET /v1/listen HTTP/1.1\r\nHost: 127.0.0.1\r\nUpg")  # mid-handshake
+        await raw_handshake(server.port, b"GET /v1/stream HTTP/1.1\r\nHost: 127.0.0.1\r\nUpg")  # mid-handshake
         await raw_handshake(server.port, HANDSHAKE)  # upgraded, gone before reading `ready`
         await settled(server, tasks_before)
 

@@ -43,14 +43,14 @@ def test_no_module_imports_a_layer_above_its_own() -> None:
     assert not upward, "upward imports:\n" + "\n".join(upward)
 
 
-def test_the_core_imports_neither_torch_nor_websockets() -> None:
+def test_the_core_imports_neither_torch_nor_a_network_library() -> None:
     modules = sorted(".".join(p.relative_to(PACKAGE.parent).with_suffix("").parts)
                      for p in (PACKAGE / "core").glob("*.py"))
     blocker = (
         "import sys\n"
         "class Block:\n"
         "    def find_spec(self, name, path=None, target=None):\n"
-        "        if name.split('.')[0] in ('torch', 'websockets'):\n"
+        "        if name.split('.')[0] in ('torch', 'websockets', 'aiohttp', 'av'):\n"
         "            raise ImportError(f'the core imported {name}')\n"
         "sys.meta_path.insert(0, Block())\n"
         + "".join(f"import {m.removesuffix('.__init__')}\n" for m in modules)

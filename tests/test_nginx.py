@@ -242,7 +242,7 @@ class Cluster:
 
     @property
     def url(self) -> str:
-        return f"ws://127.0.0.1:{self.nginx_port}/v1/listen"
+        return f"ws://127.0.0.1:{self.nginx_port}/v1/stream"
 
 
 @pytest.fixture

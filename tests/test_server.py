@@ -396,7 +396,7 @@ async def test_http_endpoints(engine: Engine) -> None:
         status, _, body = await asyncio.to_thread(http_get, base + "/livez")
         assert status == 200 and json.loads(body) == {"status": "alive"}
         status, _, body = await asyncio.to_thread(http_get, base + "/nope")
-        assert status == 404 and "/v1/listen" in body
+        assert status == 404 and "/v1/stream" in body
 
 
 async def test_drain_finishes_open_streams_and_refuses_new_ones(engine: Engine, clip: bytes) -> None:

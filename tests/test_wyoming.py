@@ -337,7 +337,7 @@ async def test_an_oversize_audio_chunk_ends_the_connection_only(tiny_engine: Eng
 
 async def test_commands_and_websocket_streams_share_the_stream_limit(tiny_engine: Engine) -> None:
     async with serving(tiny_engine, max_streams=1) as (server, service):
-        async with connect(f"ws://127.0.0.1:{server.port}/v1/listen") as ws, client(service) as wy:
+        async with connect(f"ws://127.0.0.1:{server.port}/v1/stream") as ws, client(service) as wy:
             assert json.loads(await ws.recv())["type"] == "ready"
             await wy.write_event(AudioStart(SAMPLE_RATE, 2, 1).event())
             replies = await events_until(wy)
@@ -347,7 +347,7 @@ async def test_commands_and_websocket_streams_share_the_stream_limit(tiny_engine
         async with client(service) as wy:
             await send_command(wy, pcm(vowel(1)), stop=False)
             with pytest.raises(InvalidStatus) as refused:
-                async with connect(f"ws://127.0.0.1:{server.port}/v1/listen"):
+                async with connect(f"ws://127.0.0.1:{server.port}/v1/stream"):
                     pass
             assert refused.value.response.status_code == 503
             health = (await asyncio.to_thread(http_get, f"http://127.0.0.1:{server.port}/healthz"))[1]

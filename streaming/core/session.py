@@ -30,7 +30,6 @@ from .vad import SAMPLE_RATE, VadConfig
 log = logging.getLogger(__name__)
 
 PROTOCOL_VERSION = 1
-PATH = "/v1/listen"
 DEFAULT_MAX_MESSAGE_BYTES = 1 << 20
 MAX_PROMPT_CHARS = 2000
 # Audio that may arrive during one decode before the adapter stops reading the client.

@@ -12,6 +12,7 @@ import logging
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -43,6 +44,9 @@ from .engine import Engine
 from .mel import HOP_LENGTH, SAMPLE_RATE
 from .model import KVCache
 from .tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    from .transcribe import TranscribeRequest, Transcript
 
 log = logging.getLogger(__name__)
 
@@ -264,10 +268,13 @@ def run_request(engine: Engine, request: Request, policy: FallbackPolicy = Fallb
     return run_window(engine, request, policy)
 
 
-def iter_requests(engine: Engine, requests: list[Request],
-                  policy: FallbackPolicy = FallbackPolicy()) -> Iterator[Reply | Exception]:
+def iter_requests(engine: Engine, requests: list[Request | TranscribeRequest],
+                  policy: FallbackPolicy = FallbackPolicy()) -> Iterator[Reply | Transcript | Exception]:
     """A batch of the scheduler's in request order: the speaker embeddings together first (they are cheap),
-    then the window decodes as :func:`iter_windows` runs them."""
+    then the window decodes as :func:`iter_windows` runs them; a whole recording (:class:`TranscribeRequest`)
+    is transcribed where it comes."""
+    from .transcribe import TranscribeRequest, run_request  # here: streaming.engine.transcribe imports this module
+
     embeds = {i: r for i, r in enumerate(requests) if isinstance(r, EmbedRequest)}
     embedded: dict[int, EmbedReply | Exception] = {}
     if embeds:
@@ -275,6 +282,13 @@ def iter_requests(engine: Engine, requests: list[Request],
             embedded = dict(zip(embeds, embed(engine, list(embeds.values()))))
         except Exception as exc:  # noqa: BLE001 - handed back to the streams that asked
             embedded = dict.fromkeys(embeds, exc)
-    windows = iter_windows(engine, [r for i, r in enumerate(requests) if i not in embeds], policy)
-    for i in range(len(requests)):
-        yield embedded[i] if i in embedded else next(windows)
+    windows = iter_windows(engine, [r for i, r in enumerate(requests)
+                                    if i not in embeds and isinstance(r, WindowRequest)], policy)
+    for i, request in enumerate(requests):
+        if isinstance(request, TranscribeRequest):
+            try:
+                yield run_request(engine, request)
+            except Exception as exc:  # noqa: BLE001 - handed back to the caller
+                yield exc
+        else:
+            yield embedded[i] if i in embedded else next(windows)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import numpy as np
 
@@ -51,6 +53,37 @@ class TranscribeOptions:
     policy: FallbackPolicy = FallbackPolicy()
 
 
+@dataclass(frozen=True, eq=False)
+class TranscribeRequest:
+    """A whole recording (16 kHz mono float) for :func:`transcribe` on the server's scheduler. It runs like a final
+    decode: alone, ahead of interim decodes and never shed (``final`` and ``context`` say so to the scheduler).
+    ``on_segment`` hears each segment as it is decoded and ``cancelled`` stops the work at the next window; both
+    stay in this process (inference in a child process sends the whole transcript at the end)."""
+
+    audio: np.ndarray
+    options: TranscribeOptions = TranscribeOptions()
+    on_segment: Callable[[Segment], None] | None = None
+    cancelled: threading.Event | None = None
+    final: bool = True
+    context: float = 0.0
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k not in ("on_segment", "cancelled")}
+
+
+class Cancelled(Exception):
+    """The caller stopped waiting for a :class:`TranscribeRequest`."""
+
+
+def run_request(engine: Engine, request: TranscribeRequest) -> Transcript:
+    """Transcribe a :class:`TranscribeRequest` (on a scheduler worker)."""
+    def progress(done: float, total: float) -> None:
+        if request.cancelled is not None and request.cancelled.is_set():
+            raise Cancelled("the transcription was cancelled: its caller is gone")
+
+    return transcribe(engine, request.audio, request.options, progress, on_segment=request.on_segment)
+
+
 @dataclass(frozen=True)
 class WindowTrace:
     """One window of :func:`transcribe` (for parity checks): its start and length in mel frames, the prompt it
@@ -78,9 +111,11 @@ class Transcript:
 
 def transcribe(engine: Engine, audio: np.ndarray, options: TranscribeOptions = TranscribeOptions(),
                progress: Callable[[float, float], None] | None = None,
-               trace: Callable[[WindowTrace], None] | None = None) -> Transcript:
-    """Transcribe 16 kHz mono float audio. ``progress(done_seconds, total_seconds)`` is called per window, and
-    ``trace`` with each window's :class:`WindowTrace`."""
+               trace: Callable[[WindowTrace], None] | None = None,
+               on_segment: Callable[[Segment], None] | None = None) -> Transcript:
+    """Transcribe 16 kHz mono float audio. ``progress(done_seconds, total_seconds)`` is called per window,
+    ``trace`` with each window's :class:`WindowTrace` and ``on_segment`` with each segment, in order, once its
+    window is decoded (with its words, when asked for)."""
     duration = len(audio) / SAMPLE_RATE
     mel = engine.mel(audio, padding=N_SAMPLES)
     content_frames = mel.shape[-1] - N_FRAMES
@@ -95,6 +130,7 @@ def transcribe(engine: Engine, audio: np.ndarray, options: TranscribeOptions = T
                            best_of=options.best_of, patience=options.patience)
     history: list[int] = tokenizer.encode(" " + options.initial_prompt.strip()) if options.initial_prompt else []
     segments: list[Segment] = []
+    decoded = 0  # segments of earlier windows
     seek = 0
 
     def advance(window: int, prompt: tuple[int, ...], result: DecodingResult | None, consumed: int,
@@ -134,7 +170,11 @@ def transcribe(engine: Engine, audio: np.ndarray, options: TranscribeOptions = T
                                     text, seg_tokens, result.avg_logprob, result.no_speech_prob,
                                     result.temperature))
         if options.word_timestamps:
-            _add_words(engine, tokenizer, features, [s for s in segments if s.start >= offset], window, offset)
+            _add_words(engine, tokenizer, features, segments[decoded:], window, offset)
+        if on_segment:
+            for segment in segments[decoded:]:
+                on_segment(segment)
+        decoded = len(segments)
         history += result.tokens  # with its timestamps, as Whisper conditions on (text alone: no timestamps next)
         if result.temperature > 0.5:  # do not condition the next window on a high-temperature guess
             history = []
