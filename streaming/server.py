@@ -33,7 +33,7 @@ from .engine import speaker
 from .heap import HeapTrimmer
 from .metrics import Metrics
 from .scheduler import Runner, Scheduler, check_options
-from .websocket import PING_SECONDS, WebSocket, WebSocketResponse, peer
+from .websocket import WebSocket, peer, websocket_response
 
 log = logging.getLogger(__name__)
 
@@ -372,16 +372,16 @@ class Server:
         if refused is not None:
             return refused
         # Messages up to twice the limit are read so that the session can answer frame_too_large; larger ones
-        # are cut off with close code 1009 (aiohttp refuses a message as long as max_msg_size: hence + 1).
-        ws = WebSocketResponse(protocols=("token",), heartbeat=PING_SECONDS, compress=False,
-                                   max_msg_size=2 * self.config.max_message_bytes + 1)
+        # are cut off with close code 1009.
+        max_size = 2 * self.config.max_message_bytes
+        ws = websocket_response(max_size)
         if not ws.can_prepare(request).ok:
             return respond(http.HTTPStatus.UPGRADE_REQUIRED,
                            f"upgrade required: {request.path} is a WebSocket endpoint\n", "text/plain; charset=utf-8")
         await ws.prepare(request)
         self._sockets.add(ws)
         try:
-            await WEBSOCKET_ROUTES[request.path](self, WebSocket(request, ws))
+            await WEBSOCKET_ROUTES[request.path](self, WebSocket(request, ws, max_size))
         finally:
             self._sockets.discard(ws)
             await ws.close()

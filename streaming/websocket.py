@@ -47,21 +47,17 @@ PING_SECONDS = 20.0
 CLOSED_POLL_SECONDS = 0.5
 
 
-# After a protocol error (an oversize message), how long the connection stays open after the close frame.
-CLOSE_GRACE_SECONDS = 1.0
+# aiohttp's own cap on a message, as a multiple of the largest one a stream reads (``WebSocket.max_size``).
+# Between the two a message is read and refused with close code 1009 in a closing handshake, which goes on
+# reading what the client still sends; past aiohttp's cap the connection is dropped at once (with the rest
+# of the message unread the client may then see a reset rather than the close frame).
+HARD_LIMIT_FACTOR = 8
 
 
-class WebSocketResponse(web.WebSocketResponse):
-    """aiohttp's WebSocket response, except that after a protocol error the TCP connection closes a moment after
-    the close frame (1009 for an oversize message) instead of at once: closing with the rest of the client's
-    message unread resets the connection, and the client could lose the close frame."""
-
-    def _close_transport(self) -> None:
-        transport = self._req.transport if self._req is not None else None
-        if self._exception is None or transport is None:
-            super()._close_transport()
-            return
-        asyncio.get_running_loop().call_later(CLOSE_GRACE_SECONDS, transport.close)
+def websocket_response(max_size: int) -> web.WebSocketResponse:
+    """aiohttp's WebSocket response for a stream that reads messages of up to ``max_size`` bytes."""
+    return web.WebSocketResponse(protocols=("token",), heartbeat=PING_SECONDS, compress=False,
+                                 max_msg_size=HARD_LIMIT_FACTOR * max_size)
 
 
 class ConnectionClosed(Exception):
@@ -71,8 +67,8 @@ class ConnectionClosed(Exception):
 class WebSocket:
     """One accepted WebSocket (aiohttp's) as the adapters use it: text or bytes in, text out, a close code."""
 
-    def __init__(self, request: web.Request, ws: web.WebSocketResponse):
-        self.request, self._ws = request, ws
+    def __init__(self, request: web.Request, ws: web.WebSocketResponse, max_size: int):
+        self.request, self._ws, self.max_size = request, ws, max_size
         self.closing = False  # this side started the closing handshake
         self.path = request.path_qs
         self.peer = peer(request)
@@ -81,7 +77,12 @@ class WebSocket:
         """The next message; raises :class:`ConnectionClosed` once the connection closes."""
         message = await self._ws.receive()
         if message.type in (WSMsgType.TEXT, WSMsgType.BINARY):
-            return message.data
+            data = message.data
+            if len(data) > self.max_size or isinstance(data, str) and 4 * len(data) > self.max_size and len(
+                    data.encode()) > self.max_size:
+                await self._ws.close(code=1009, message=f"message too big: the limit is {self.max_size} bytes".encode())
+                raise ConnectionClosed("message too big")  # and the closing handshake is over
+            return data
         raise ConnectionClosed(f"{message.type.name.lower()}: {message.extra or ''}")
 
     async def send(self, text: str) -> None:

@@ -269,6 +269,7 @@ VAD_VALUES: dict[str, tuple[list, list]] = {
     "energy_floor_dbfs": ([-120, -55.5, 0], [1, -121, 10**400, -(10**400)]),
     "noise_margin_db": ([0, 6, 40], [-1, 41]), "noise_window_ms": ([300, 3000, 30000], [299, 30001]),
     "long_utterance_ms": ([1000, 60000], [999, 60001]), "long_endpoint_ms": ([30, 150, 300], [5, 60001]),
+    "pause_ms": ([0, 30], [-1, 60001]),
 }
 assert set(VAD_VALUES) == set(VadConfig.__dataclass_fields__)
 
