@@ -95,3 +95,28 @@ def test_packed_bfloat16_weights_give_the_products_and_decoder_steps_of_the_plai
     model.decoder.pack()
     assert model.decoder.packed_logits is not None
     torch.testing.assert_close(logits(), plain, atol=0, rtol=0)
+
+
+@pytest.mark.real_model
+def test_int8_transcribes_the_jfk_clip_like_float32(engine: Engine, shared_eval: Path) -> None:
+    with wave.open(str(shared_eval / "streams" / "en_mixed.wav")) as w:
+        audio = np.frombuffer(w.readframes(int(11.6 * 16000)), "<i2").astype(np.float32) / 32768
+    int8 = Engine.load("tiny.en", device="cpu", dtype="int8")
+    assert int8.dtype_name == "int8" and int8.model.dtype == torch.float32
+    request = WindowRequest(audio, final=True, beam_size=5, context=30)
+    reference, reply = run_window(engine, request), run_window(int8, request)
+
+    def words(r) -> list[str]:  # punctuation may differ ("you." / "you")
+        return [w.word.strip(" .,!?").lower() for w in r.words]
+
+    assert words(reply) == words(reference)
+
+
+def test_int8_products_stay_close_to_float32_and_need_float32_weights(tiny_model) -> None:
+    layer = torch.nn.Linear(64, 96)
+    x = torch.randn(5, 64)
+    packed = pack_weight(layer.weight, layer.bias, int8=True)
+    exact = F.linear(x, layer.weight, layer.bias)
+    assert (linear(x, layer.weight, layer.bias, packed) - exact).abs().max() < 0.05 * exact.abs().max()
+    with pytest.raises(ValueError, match="int8 runs on the CPU from float32 weights"):
+        copy.deepcopy(tiny_model).to(torch.bfloat16).pack(int8=True)

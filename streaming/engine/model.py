@@ -7,6 +7,7 @@ weight formats are renamed into this layout by :mod:`streaming.engine.weights`.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -153,7 +154,9 @@ def pack_weight(weight: Tensor, bias: Tensor | None = None, int8: bool = False) 
     if int8:
         w = weight.detach().float()
         scales = (w.abs().amax(dim=1) / 127).clamp(min=1e-8).double()
-        q = torch.quantize_per_channel(w, scales, torch.zeros_like(scales, dtype=torch.long), 0, torch.qint8)
+        with warnings.catch_warnings():  # quantized tensors are deprecated in torch (pytorch#184982); pinned here
+            warnings.filterwarnings("ignore", "torch.quantize_per_tensor", UserWarning)
+            q = torch.quantize_per_channel(w, scales, torch.zeros_like(scales, dtype=torch.long), 0, torch.qint8)
         return torch.ops.quantized.linear_prepack(q, None if bias is None else bias.detach().float())
     if weight.device.type != "cpu" or weight.dtype != torch.bfloat16 or not torch.backends.mkldnn.is_available():
         return None
