@@ -228,11 +228,22 @@ class StreamCore:
         self._pending = None
         if request is self._speculation:
             # Set aside until the utterance ends at this pause (it stands) or speech goes on (it is dropped);
-            # meanwhile the interim decodes go on as if it had not run.
+            # meanwhile the interim decodes go on as if it had not run. Its words are the partial on show.
             self._speculation, self._decoded_to = None, self._speculated_from
             self._speculative = None if reply.skipped else (request, reply)
-            return self._advance()
+            shown = not (reply.skipped or reply.silence or self._ending)
+            return (self._partial(self._heard(request, reply)[0]) if shown else []) + self._advance()
         return self._apply(request, reply)
+
+    def _heard(self, request: WindowRequest, reply: WindowReply) -> tuple[list[Word], float]:
+        """A reply's words on the stream timeline, less loops and re-decoded committed text, and the time up
+        to which the decode heard audio."""
+        offset = self._window.start
+        words = [Word(w.word, offset + w.start, offset + w.end, w.probability, tuple(w.tokens))
+                 for w in reply.words]
+        heard_until = offset + len(request.audio) / SAMPLE_RATE
+        return drop_redecoded(cut_loops(self._window_words, words), self._utterance_words,
+                              heard_until - self._committed_end), heard_until
 
     def _apply(self, request: WindowRequest, reply: WindowReply) -> list[Event]:
         """The events of a decode's result: commits, the partial, the utterance's end after a final decode."""
@@ -245,12 +256,7 @@ class StreamCore:
             self._force_commit_if_stalled()
             return self._advance()
         events: list[Event] = []
-        offset = self._window.start
-        words = [Word(w.word, offset + w.start, offset + w.end, w.probability, tuple(w.tokens))
-                 for w in reply.words]
-        heard_until = offset + len(request.audio) / SAMPLE_RATE
-        words = drop_redecoded(cut_loops(self._window_words, words), self._utterance_words,
-                               heard_until - self._committed_end)
+        words, heard_until = self._heard(request, reply)
         if forced:
             committed, partial = self._split_at_cut(words, heard_until)
         else:
