@@ -37,6 +37,9 @@ DEFAULT_PORT = 10300  # the Wyoming convention for speech-to-text
 PROGRAM = "whisper-stream"
 MAX_HEADER_BYTES = 64 * 1024  # an event's JSON header line
 LINGER_SECONDS = 1.0
+# A voice command ends at a pause: its final decode starts after this much non-speech, before audio-stop
+# (VadConfig.pause_ms), so that the transcript is ready when the client says the command is over.
+COMMAND_PAUSE_MS = 90
 ZEROCONF_TYPE = "_wyoming._tcp.local."
 ZEROCONF_INSTALL = "pip install zeroconf (or: pip install 'whisper-stream[wyoming]')"
 # Session end reasons after which the audio received is transcribed and answered with a transcript.
@@ -352,7 +355,7 @@ class _Connection:
         server.open_stream(self.task, self.command)
         log.info("wyoming %s: command %s started", self.peer, session.id)
         start = {"type": "start", "sample_rate": rate, "encoding": encoding, "channels": channels,
-                 "language": self.language, "word_timestamps": False}
+                 "language": self.language, "word_timestamps": False, "vad": {"pause_ms": COMMAND_PAUSE_MS}}
         self.command.apply(session.receive(start))
 
     def command_ended(self, command: _Command, close: Close) -> None:

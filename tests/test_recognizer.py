@@ -438,8 +438,7 @@ def test_an_unusable_interim_reply_keeps_the_partial_and_the_endpoint_still_comm
     events = drive(StreamCore(options()), decoder, stream.audio)
     first_final = next(i for i, e in enumerate(events) if isinstance(e, Final))
     partials = [e.text for e in events[:first_final] if isinstance(e, Partial)]
-    # The looping decodes neither clear nor replace it; the decode at the final pause shows the utterance.
-    assert partials == [" w0", "".join(stream.texts)]
+    assert partials == [" w0"]  # the looping decodes neither clear nor replace it
     assert final_words(events) == stream.texts
     assert decoder.seen[-1].request.final
 
@@ -755,9 +754,12 @@ def drive_logged(core: StreamCore, decoder: FakeDecoder, audio: np.ndarray) -> t
     return events, log
 
 
+SPECULATE = dataclasses.replace(VAD, pause_ms=90)  # the final decode starts at a pause of 90 ms
+
+
 def test_the_final_decode_starts_at_the_pause_and_the_endpoint_needs_no_other() -> None:
     stream = build([sentence(5), sentence(4, 5)])
-    events, log = drive_logged(StreamCore(options()), decoder := FakeDecoder(stream), stream.audio)
+    events, log = drive_logged(StreamCore(StreamOptions(vad=SPECULATE)), decoder := FakeDecoder(stream), stream.audio)
     check_transcript(events, stream)
     assert len(decoder.seen) == len(log)
     for _, end in stream.spans:
@@ -767,16 +769,23 @@ def test_the_final_decode_starts_at_the_pause_and_the_endpoint_needs_no_other() 
         # The utterance's last decode is the full one (context, prompt, beam), asked for once the pause was
         # pause_ms long, well before the endpoint; nothing else is decoded until the next utterance.
         assert request.final and request.beam_size == StreamOptions.final_beam_size
-        assert VAD.pause_ms <= (fed - voiced_end) * 1000 / SR < VAD.endpoint_ms
+        assert SPECULATE.pause_ms <= (fed - voiced_end) * 1000 / SR < VAD.endpoint_ms
         later = [entry for entry in log if entry[0] > fed]
         assert not later or later[0][0] > voiced_end + GAP * SR / 2
         assert not any(isinstance(e, UtteranceEnd) for e in new)  # the end is still uncertain there
 
 
+def test_without_pause_ms_no_decode_is_speculative() -> None:
+    stream = build([sentence(5), sentence(4, 5)])
+    events, log = drive_logged(StreamCore(options()), FakeDecoder(stream), stream.audio)
+    check_transcript(events, stream)
+    assert not any(request.speculative for _, request, _ in log)
+
+
 def test_speech_that_goes_on_after_a_pause_gets_its_own_final_decode() -> None:
     # 0.2 s of silence inside the utterance: announced as a pause, not an end.
     stream = build([sentence(4), sentence(4, 4)], gap=0.2)
-    events, log = drive_logged(StreamCore(options()), FakeDecoder(stream), stream.audio)
+    events, log = drive_logged(StreamCore(StreamOptions(vad=SPECULATE)), FakeDecoder(stream), stream.audio)
     assert final_words(events) == stream.texts
     assert sum(isinstance(e, UtteranceEnd) for e in events) == 1
     finals_asked = [fed / SR for fed, request, _ in log if request.final]
@@ -792,7 +801,7 @@ def test_a_skipped_speculative_decode_leaves_the_endpoint_its_own_final_decode()
     def busy(request: WindowRequest) -> WindowReply:  # no worker free for any speculative decode
         return WindowReply(skipped=True) if request.speculative else decoder(request)
 
-    events, log = drive_logged(StreamCore(options()), busy, stream.audio)
+    events, log = drive_logged(StreamCore(StreamOptions(vad=SPECULATE)), busy, stream.audio)
     check_transcript(events, stream)
     ends = [end * SR for _, end in stream.spans]
     speculative = [fed for fed, request, _ in log if request.speculative]

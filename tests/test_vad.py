@@ -340,18 +340,19 @@ def test_a_pause_is_announced_before_the_end_it_may_become() -> None:
     # A 0.2 s gap inside the utterance is announced and the utterance goes on; at the final pause the
     # announcement comes first, and the end names the same voiced end.
     audio = np.concatenate((silence(0.5), vowel(1.5), silence(0.2), vowel(1.5), silence(1.5)))
-    events = run(audio, chunk=480)
+    config = VadConfig(pause_ms=90)
+    events = run(audio, chunk=480, config=config)
     assert len(utterances(events, audio)) == 1
     kinds = [type(e) for e in events if not isinstance(e, SpeechAudio)]
     assert kinds == [SpeechStart, SpeechPause, SpeechPause, SpeechEnd]
     first, last, end = (e for e in events if isinstance(e, SpeechPause | SpeechEnd))
     assert abs(first.voiced_end - 2.0 * SAMPLE_RATE) <= 960 and last.voiced_end == end.voiced_end
     cursor = max(e.end_sample for e in events[: events.index(last)] if isinstance(e, SpeechAudio))
-    assert cursor - last.voiced_end >= VadConfig().pause_ms * SAMPLE_RATE // 1000  # the pause audio is in
+    assert cursor - last.voiced_end >= config.pause_ms * SAMPLE_RATE // 1000  # the pause audio is in
 
 
-def test_pauses_can_be_left_unannounced() -> None:
+def test_pauses_are_unannounced_by_default() -> None:
     audio = np.concatenate((silence(0.5), vowel(1.5), silence(1.5)))
-    events = run(audio, config=VadConfig(pause_ms=0))
+    events = run(audio)
     assert not any(isinstance(e, SpeechPause) for e in events)
     assert any(isinstance(e, SpeechEnd) for e in events)

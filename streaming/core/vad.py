@@ -36,7 +36,7 @@ class VadConfig:
     noise_window_ms: int = 3000
     long_utterance_ms: int = 6000
     long_endpoint_ms: int = 150
-    pause_ms: int = 90
+    pause_ms: int = 0
 
     def validate(self) -> None:
         """Raise ValueError naming the first field whose value is outside its allowed range."""
