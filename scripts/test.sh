@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Set up everything the test suite needs on a new machine, then run it (README's test command; CI runs it).
-#   bash scripts/test.sh [pytest arguments]      default: -m "not bench"
+#   bash scripts/test.sh [pytest arguments]      default: -m "not bench and not slow"; with CI=true: -m "not bench"
 # Python side: .venv with torch 2.13.0 (the CPU build, installed first), the test, base and wyoming extras and
 # the speaker encoder's weights (resemblyzer, without its dependencies).
 # System side: Debian's chromium (browser test) and nginx (load-balancer test), installed with apt-get when
@@ -33,6 +33,10 @@ fi
 .venv/bin/pip install -q --no-deps resemblyzer==0.1.4   # the speaker encoder's weights; its own deps are not needed
 
 if [ "$#" -eq 0 ]; then
-  set -- -m "not bench"
+  if [ "${CI:-}" = true ]; then
+    set -- -m "not bench"            # CI also runs the slow tests (soak, nginx drain, minute-long streams)
+  else
+    set -- -m "not bench and not slow"
+  fi
 fi
 exec .venv/bin/python -m pytest -q -rs "$@"

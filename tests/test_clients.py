@@ -606,6 +606,7 @@ def test_library_real_time_stream_against_the_real_server(engine: Engine, jfk_wa
 
 
 @pytest.mark.real_model
+@pytest.mark.slow
 def test_en_mixed_through_the_file_client_stays_within_the_streaming_bound(shared_eval: Path, tmp_path: Path) -> None:
     """The whole en_mixed stream (46 s) through the file client and the real server at real-time pace, in the
     precision ``serve`` uses by default (``auto``), scored by the reference scorer against the offline WER of

@@ -176,6 +176,7 @@ GAP_BOUND = {"en_continuous": 4.0, "en_prompts_noisy": 4.0}
 WER_BOUND = {"en_continuous": 0.08, "en_prompts_noisy": 0.20}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["en_continuous", "en_prompts_noisy"])
 def test_a_minute_without_a_pause_keeps_finals_coming_and_loses_no_word(stream_engine: Engine, shared_eval: Path,
                                                                          name: str) -> None:
