@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from streaming.engine import Engine
 from streaming.engine.engine import fast_cpu_dtype
 from streaming.engine.inference import WindowRequest, run_window
-from streaming.engine.model import _row_bucket, linear, pack_weight
+from streaming.engine.model import HalfStored, MultiHeadAttention, _row_bucket, linear, pack_weight
 from streaming.engine.weights import ModelLoadError
 
 
@@ -120,3 +120,31 @@ def test_int8_products_stay_close_to_float32_and_need_float32_weights(tiny_model
     assert (linear(x, layer.weight, layer.bias, packed) - exact).abs().max() < 0.05 * exact.abs().max()
     with pytest.raises(ValueError, match="int8 runs on the CPU from float32 weights"):
         copy.deepcopy(tiny_model).to(torch.bfloat16).pack(int8=True)
+
+
+def test_a_half_stored_float32_weight_gives_float32_products(tiny_model) -> None:
+    """The vocabulary projection of a float32 model is half-stored (fbgemm); weights that float16 holds
+    exactly (Whisper's checkpoints) give float32's logits up to summation order."""
+    torch.manual_seed(0)
+    weight = torch.randn(300, 64).half().float()
+    packed = pack_weight(weight, half_stored=True)
+    if packed is None:
+        pytest.skip("this torch build has no fbgemm (half-stored products run on x86 only)")
+    assert isinstance(packed, HalfStored) and pack_weight(weight) is None
+    for shape in ((1, 1, 64), (5, 1, 64), (2, 37, 64)):
+        x = torch.randn(shape)
+        torch.testing.assert_close(linear(x, weight, packed=packed), F.linear(x, weight), atol=1e-5, rtol=1e-5)
+    model = copy.deepcopy(tiny_model)  # the fixture is shared: leave it unpacked
+    model.pack()
+    assert isinstance(model.decoder.packed_logits, HalfStored)
+
+
+def test_beams_sharing_one_audio_attend_to_it_as_the_rows_of_their_own_copies_do() -> None:
+    torch.manual_seed(0)
+    attention = MultiHeadAttention(64, 4)
+    rows, audio = torch.randn(5, 3, 64), torch.randn(1, 50, 64)
+    k, v = attention.project_kv(audio)
+    copies = (k.expand(5, -1, -1, -1).contiguous(), v.expand(5, -1, -1, -1).contiguous())
+    for mask in (None, torch.rand(1, 1, 1, 50) > 0.2):
+        shared, _ = attention.attend(rows, (k, v), mask, None)
+        torch.testing.assert_close(shared, attention.attend(rows, copies, mask, None)[0], atol=1e-6, rtol=1e-5)

@@ -138,18 +138,34 @@ def _row_bucket(rows: int) -> int:
     return -(-rows // step) * step
 
 
-Packed = Tensor | torch.ScriptObject
+@dataclass(frozen=True)
+class HalfStored:
+    """A float32 weight stored in half precision for fbgemm's products, which widen it back to float32 and
+    accumulate in float32 (see :func:`pack_weight`)."""
+
+    params: torch.ScriptObject
 
 
-def pack_weight(weight: Tensor, bias: Tensor | None = None, int8: bool = False) -> Packed | None:
+Packed = Tensor | torch.ScriptObject | HalfStored
+
+
+def pack_weight(weight: Tensor, bias: Tensor | None = None, int8: bool = False,
+                half_stored: bool = False) -> Packed | None:
     """``weight`` [out, in] prepared once for the CPU's products, or None where nothing applies.
 
     ``int8``: quantized per output channel (symmetric) and prepacked for fbgemm's dynamically quantized
     products, ``bias`` included; activations are quantized per call. On CPUs without fast bfloat16 this is
-    what makes the model cheaper than float32 (as CTranslate2's int8 does). Else bfloat16 on CPU only:
-    ``weight`` reordered into oneDNN's blocked layout, which oneDNN otherwise redoes on every call, making
-    the decoder's one-row products (a token step) up to three times slower; the vocabulary projection alone
-    reorders 40 MB per step.
+    what makes the model cheaper than float32 (as CTranslate2's int8 does).
+
+    ``half_stored`` (float32 weights): kept in half precision for fbgemm, whose products read half the
+    memory and compute in float32. For the vocabulary projection, a product of one to five rows with an
+    80 MB matrix at every token step, memory is the whole cost: on a 2-core AVX2 EPYC it takes 2.6 ms
+    instead of 13 for one row and 3 instead of 26 for five. Whisper's checkpoints are published in float16,
+    so for them nothing is rounded and the logits differ from float32's only in summation order.
+
+    Else bfloat16 on CPU only: ``weight`` reordered into oneDNN's blocked layout, which oneDNN otherwise
+    redoes on every call, making the decoder's one-row products (a token step) up to three times slower;
+    the vocabulary projection alone reorders 40 MB per step.
     """
     if int8:
         w = weight.detach().float()
@@ -158,7 +174,14 @@ def pack_weight(weight: Tensor, bias: Tensor | None = None, int8: bool = False) 
             warnings.filterwarnings("ignore", "torch.quantize_per_tensor", UserWarning)
             q = torch.quantize_per_channel(w, scales, torch.zeros_like(scales, dtype=torch.long), 0, torch.qint8)
         return torch.ops.quantized.linear_prepack(q, None if bias is None else bias.detach().float())
-    if weight.device.type != "cpu" or weight.dtype != torch.bfloat16 or not torch.backends.mkldnn.is_available():
+    if weight.device.type != "cpu":
+        return None
+    if weight.dtype == torch.float32:
+        if not half_stored or "fbgemm" not in torch.backends.quantized.supported_engines:
+            return None
+        return HalfStored(torch.ops.quantized.linear_prepack_fp16(
+            weight.detach(), None if bias is None else bias.detach()))
+    if weight.dtype != torch.bfloat16 or not torch.backends.mkldnn.is_available():
         return None
     try:
         return torch.ops.mkldnn._reorder_linear_weight(weight, 1)
@@ -168,17 +191,22 @@ def pack_weight(weight: Tensor, bias: Tensor | None = None, int8: bool = False) 
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, packed: Packed | None = None,
            bucket: bool = True) -> Tensor:
-    """``F.linear``, or with an int8 ``packed`` (:func:`pack_weight`, for this ``weight`` and ``bias``) its
-    dynamically quantized product. On CPU in half precision the rows are padded to a bucket size first
-    (unless not ``bucket``), and ``packed`` skips oneDNN's per-call weight reorder.
+    """``F.linear``, or its product with a ``packed`` weight (:func:`pack_weight`, for this ``weight`` and
+    ``bias``): dynamically quantized (int8) or half-stored (float32). On CPU in half precision the rows are
+    padded to a bucket size first (unless not ``bucket``), and ``packed`` skips oneDNN's per-call weight
+    reorder.
 
     oneDNN, which runs those products, builds and caches a kernel (with its scratch memory) for every
     distinct shape: streaming windows of every length made memory grow by hundreds of MB. Bucketed
     shapes keep that cache small at the cost of a little padding.
     """
-    if isinstance(packed, torch.ScriptObject):
+    if isinstance(packed, (torch.ScriptObject, HalfStored)) and x.dtype == torch.float32:
         flat = x.reshape(-1, x.shape[-1])
-        return torch.ops.quantized.linear_dynamic(flat, packed, True).reshape(*x.shape[:-1], weight.shape[0])
+        if isinstance(packed, HalfStored):
+            out = torch.ops.quantized.linear_dynamic_fp16(flat, packed.params)
+        else:
+            out = torch.ops.quantized.linear_dynamic(flat, packed, True)
+        return out.reshape(*x.shape[:-1], weight.shape[0])
     if x.device.type != "cpu" or x.dtype == torch.float32 or not bucket:
         return F.linear(x, weight, bias)
     rows = x.numel() // x.shape[-1]
@@ -245,6 +273,15 @@ class MultiHeadAttention(nn.Module):
         positions before ``x`` (None: no causal mask). Returns output and, if asked, the weights."""
         q = self.heads(self.query(x))
         k, v = kv
+        if k.shape[0] == 1 < q.shape[0] and causal_offset is None and not want_weights and (
+                mask is None or mask.shape[0] == mask.shape[-2] == 1) and q.dtype == torch.float32:
+            # One audio shared by several rows (the beams): their queries attend as one sequence, so the
+            # keys and values are read once, in one product, instead of once per row (a fifth of a float32
+            # beam-5 decode's time on a 2-core AVX2 CPU). Not in half precision, whose kernels round the
+            # folded product differently: beam choices flip.
+            b, h, t, d = q.shape
+            out = F.scaled_dot_product_attention(q.transpose(0, 1).reshape(1, h, b * t, d), k, v, attn_mask=mask)
+            return self.out(out.reshape(h, b, t, d).permute(1, 2, 0, 3).reshape(b, t, h * d)), None
         if k.shape[0] != q.shape[0]:  # one audio shared by several rows
             k, v = k.expand(q.shape[0], -1, -1, -1), v.expand(q.shape[0], -1, -1, -1)
         t_q, t_k = q.shape[2], k.shape[2]
@@ -322,12 +359,13 @@ class TextDecoder(nn.Module):
         self.packed_logits: Packed | None = None  # the vocabulary projection's weight, see :meth:`pack`
 
     def pack(self, int8: bool = False) -> None:
-        """Prepare the weights of the token-by-token products once for the CPU (:func:`pack_weight`: int8, or
-        bfloat16's layout). Call again after moving the model to another dtype or device."""
+        """Prepare the weights of the token-by-token products once for the CPU (:func:`pack_weight`: int8,
+        bfloat16's layout, or in float32 the vocabulary projection half-stored). Call again after moving the
+        model to another dtype or device."""
         for module in self.modules():
             if isinstance(module, BucketedLinear):
                 module.pack(int8)
-        self.packed_logits = pack_weight(self.token_embedding.weight, int8=int8)
+        self.packed_logits = pack_weight(self.token_embedding.weight, int8=int8, half_stored=True)
 
     def new_cache(self, audio_features: Tensor, audio_mask: Tensor | None = None) -> KVCache:
         """An empty cache whose cross-attention keys/values are computed once from ``audio_features``."""
