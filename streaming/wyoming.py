@@ -40,6 +40,9 @@ LINGER_SECONDS = 1.0
 # A voice command ends at a pause: its final decode starts after this much non-speech, before audio-stop
 # (VadConfig.pause_ms), so that the transcript is ready when the client says the command is over.
 COMMAND_PAUSE_MS = 90
+# ... and encodes the command with silence up to 10 s rather than Whisper's 30 s window: half the time to the
+# transcript, for no measured loss on commands (a command's final decode has no previous text to copy).
+COMMAND_FINAL_CONTEXT = 10.0
 ZEROCONF_TYPE = "_wyoming._tcp.local."
 ZEROCONF_INSTALL = "pip install zeroconf (or: pip install 'whisper-stream[wyoming]')"
 # Session end reasons after which the audio received is transcribed and answered with a transcript.
@@ -355,7 +358,8 @@ class _Connection:
         server.open_stream(self.task, self.command)
         log.info("wyoming %s: command %s started", self.peer, session.id)
         start = {"type": "start", "sample_rate": rate, "encoding": encoding, "channels": channels,
-                 "language": self.language, "word_timestamps": False, "vad": {"pause_ms": COMMAND_PAUSE_MS}}
+                 "language": self.language, "word_timestamps": False, "vad": {"pause_ms": COMMAND_PAUSE_MS},
+                 "final_context": COMMAND_FINAL_CONTEXT}
         self.command.apply(session.receive(start))
 
     def command_ended(self, command: _Command, close: Close) -> None:

@@ -256,6 +256,7 @@ START_VALUES: dict[str, tuple[list, list]] = {
     "word_timestamps": ([True, False], [1, None]),
     "min_chunk": ([0.1, 0.3, 0.8, 10], [10.5, 0.05, 0, -1, 1e308, 10**400, "0.5"]),
     "agreement": ([1, 2, 5], [0, 6, 2.0, True, 10**400]),
+    "final_context": ([0, 10, 30.0], [30.5, -1, 1e308, 10**400, "10", True]),
 }
 VAD_VALUES: dict[str, tuple[list, list]] = {
     "aggressiveness": ([0, 3], [4, -1]), "frame_ms": ([10, 20, 30], [25]),

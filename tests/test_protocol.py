@@ -280,6 +280,8 @@ def test_nan_float_audio_is_bad_audio() -> None:
     ({"min_chunk": 0.01}, "min_chunk=0.01 is out of range"),
     ({"agreement": 9}, "agreement=9 is out of range"),
     ({"agreement": 1.5}, "agreement must be an integer"),
+    ({"final_context": "10"}, "final_context must be a number of seconds"),
+    ({"final_context": 31}, "final_context=31.0 is out of range; allowed: 0 to 30 seconds"),
     ({"samplerate": 16000}, "unknown field 'samplerate'; allowed: sample_rate"),
 ])
 def test_bad_start_names_the_field_and_ends_the_stream(fields: dict, needle: str) -> None:

@@ -44,7 +44,7 @@ INTERNAL_ERROR = 1011
 TRY_AGAIN_LATER = 1013
 
 START_FIELDS = ("sample_rate", "encoding", "channels", "multichannel", "language", "task", "prompt",
-                "interim_results", "word_timestamps", "diarize", "vad", "min_chunk", "agreement")
+                "interim_results", "word_timestamps", "diarize", "vad", "min_chunk", "agreement", "final_context")
 MESSAGE_TYPES = ("start", "finalize", "stop")
 
 
@@ -361,10 +361,14 @@ class Session:
             raise _bad_start(f"min_chunk must be a number of seconds, got {min_chunk!r}")
         if not _is_int(agreement):
             raise _bad_start(f"agreement must be an integer, got {agreement!r}")
+        final_context = get("final_context", StreamOptions.final_context)
+        if not _is_number(final_context):
+            raise _bad_start(f"final_context must be a number of seconds, got {final_context!r}")
         try:
             options = StreamOptions(language=language, task=task, prompt=prompt or None,
                                     interim_results=flags["interim_results"], vad=self._vad(get("vad", {})),
-                                    min_chunk=float(min_chunk), agreement=agreement, diarize=flags["diarize"])
+                                    min_chunk=float(min_chunk), agreement=agreement, diarize=flags["diarize"],
+                                    final_context=float(final_context))
         except ValueError as exc:
             raise _bad_start(str(exc)) from None
         try:
@@ -412,7 +416,8 @@ class Session:
                       "channels": decoder.channels, "multichannel": decoder.separate, "language": self.language,
                       "task": options.task, "prompt": options.prompt, "interim_results": options.interim_results,
                       "word_timestamps": settings.word_timestamps, "diarize": options.diarize,
-                      "vad": asdict(options.vad), "min_chunk": options.min_chunk, "agreement": options.agreement})]
+                      "vad": asdict(options.vad), "min_chunk": options.min_chunk, "agreement": options.agreement,
+                      "final_context": options.final_context})]
 
     def _finalize(self) -> list[Action]:
         actions: list[Action] = []
