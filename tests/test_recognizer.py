@@ -775,6 +775,20 @@ def test_the_final_decode_starts_at_the_pause_and_the_endpoint_needs_no_other() 
         assert not any(isinstance(e, UtteranceEnd) for e in new)  # the end is still uncertain there
 
 
+def test_no_interim_decode_starts_while_a_pause_forms() -> None:
+    """Between the last voiced frame and the pause's announcement an interim decode would only hold back
+    the decode at the pause; with decodes asked every 0.1 s, none starts in that stretch, and the words
+    are all there."""
+    stream = build([sentence(4), sentence(4, 4), sentence(3, 8)], gap=0.2)
+    core = StreamCore(StreamOptions(vad=SPECULATE, min_chunk=0.1))
+    events, log = drive_logged(core, FakeDecoder(stream), stream.audio)
+    assert final_words(events) == stream.texts
+    for _, end in stream.spans:  # the VAD hears the last voiced frame up to a frame after the speech's end
+        forming = ((end + SPECULATE.frame_ms / 1000) * SR, (end + SPECULATE.pause_ms / 1000) * SR)
+        assert not any(not request.final and forming[0] < fed < forming[1] for fed, request, _ in log)
+        assert any(request.speculative and forming[1] <= fed for fed, request, _ in log)
+
+
 def test_without_pause_ms_no_decode_is_speculative() -> None:
     stream = build([sentence(5), sentence(4, 5)])
     events, log = drive_logged(StreamCore(options()), FakeDecoder(stream), stream.audio)

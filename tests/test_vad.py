@@ -351,6 +351,27 @@ def test_a_pause_is_announced_before_the_end_it_may_become() -> None:
     assert cursor - last.voiced_end >= config.pause_ms * SAMPLE_RATE // 1000  # the pause audio is in
 
 
+@pytest.mark.parametrize("pause_ms", [0, 90])
+def test_a_forming_pause_is_reported_until_it_is_announced(pause_ms: int) -> None:
+    audio = np.concatenate((silence(0.5), vowel(1.5), silence(0.2), vowel(1.5), silence(1.5)))
+    vad = VoiceActivityDetector(VadConfig(pause_ms=pause_ms))
+    frame = SAMPLE_RATE * 30 // 1000
+    pausing, announced = [], []
+    for i in range(0, len(audio), frame):
+        events = vad.feed(audio[i: i + frame])
+        pausing.append(vad.pausing)
+        announced.append(any(isinstance(e, SpeechPause) for e in events))
+    if not pause_ms:
+        assert not any(pausing)
+        return
+    # Two pauses: each is "pausing" for the frames before its announcement, never after it.
+    starts = [k for k in range(1, len(pausing)) if pausing[k] and not pausing[k - 1]]
+    assert len(starts) == 2 and not pausing[0]
+    for start in starts:
+        end = next(k for k in range(start, len(pausing)) if not pausing[k])
+        assert announced[end] and 2 <= end - start <= 3  # 90 ms of 30 ms frames, the first unvoiced one included
+
+
 def test_pauses_are_unannounced_by_default() -> None:
     audio = np.concatenate((silence(0.5), vowel(1.5), silence(1.5)))
     events = run(audio)

@@ -184,6 +184,10 @@ class StreamCore:
             return self._speculation
         if self._window.end_sample - self._decoded_to < self.options.min_chunk * SAMPLE_RATE:
             return None
+        if self._vad.pausing:
+            # The decode at the pause, at most pause_ms away, hears this audio; an interim decode started now
+            # would hold it back. If speech goes on instead, the interim decode starts with the next voiced frame.
+            return None
         return self._request(final=False)
 
     def _speculation_stands(self) -> bool:

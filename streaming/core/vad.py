@@ -160,6 +160,12 @@ class VoiceActivityDetector:
         return self._last_voiced_end if self._in_speech and self._paused else None
 
     @property
+    def pausing(self) -> bool:
+        """Inside an utterance the newest frames are unvoiced and the pause of ``pause_ms`` is not announced
+        yet: it may come within ``pause_ms``. Always False with ``pause_ms`` off."""
+        return bool(self._pause) and self._in_speech and not self._paused and self._pos > self._last_voiced_end
+
+    @property
     def samples_seen(self) -> int:
         """Total samples fed so far (the stream timeline)."""
         return self._seen
