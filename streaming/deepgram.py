@@ -8,14 +8,13 @@ an utterance ``speech_final`` on its last final and an ``UtteranceEnd`` message;
 
 from __future__ import annotations
 
-import json
 import re
 import time
 import uuid
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, urlsplit
 
-from .core.session import Action, EngineInfo, Send, Session
+from .core.session import Action, EngineInfo, Send, Session, load_json
 from .core.vad import VadConfig
 from .websocket import Codec, WebSocket, serve_session
 
@@ -106,7 +105,7 @@ class DeepgramCodec(Codec):
 
     def text(self, session: Session, text: str) -> list[Action]:
         try:
-            kind = json.loads(text).get("type")
+            kind = load_json(text).get("type")
         except (ValueError, AttributeError):
             kind = None
         if kind == "KeepAlive":

@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
 import uuid
 from typing import TYPE_CHECKING, Any
 
-from .core.session import Action, EngineInfo, Send, Session
+from .core.session import Action, EngineInfo, Send, Session, load_json
 from .core.vad import VadConfig
 from .websocket import Codec, WebSocket, serve_session
 
@@ -75,7 +74,7 @@ class RealtimeCodec(Codec):
 
     def text(self, session: Session, text: str) -> list[Action]:
         try:
-            event = json.loads(text)
+            event = load_json(text)
         except ValueError as exc:
             return [_error(f"the event is not valid JSON: {exc}", "invalid_json")]
         if not isinstance(event, dict) or not isinstance(event.get("type"), str):

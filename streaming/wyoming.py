@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import socket
 from typing import Any
@@ -28,7 +27,7 @@ from wyoming.ping import Ping, Pong
 from . import __version__
 from .core.audio import INTEGER_ENCODINGS
 from .core.languages import LANGUAGES
-from .core.session import NORMAL, Action, Close, Run, Send, Session
+from .core.session import NORMAL, Action, Close, Run, Send, Session, load_json
 from .server import Server
 
 log = logging.getLogger(__name__)
@@ -90,7 +89,7 @@ async def _read_event(reader: asyncio.StreamReader, max_bytes: int) -> Event | N
     if not line.endswith(b"\n"):
         return None  # the connection closed, possibly within a line
     try:
-        header = json.loads(line)
+        header = load_json(line)
     except ValueError:
         raise _BadEvent("bad_event", 'event header is not JSON; send one JSON object per line, e.g. '
                                      '{"type": "describe"}') from None
@@ -105,7 +104,7 @@ async def _read_event(reader: asyncio.StreamReader, max_bytes: int) -> Event | N
                                            "smaller audio chunks (e.g. 100 ms each)")
     try:
         if lengths[0]:
-            extra = json.loads(await reader.readexactly(lengths[0]))
+            extra = load_json(await reader.readexactly(lengths[0]))
             if not isinstance(extra, dict):
                 raise _BadEvent("bad_event", "event data after the header must be a JSON object")
             data = {**data, **extra}

@@ -7,16 +7,22 @@ requests), and checks every action against the rules of docs/protocol.md. Part t
 of text, binary, fragmented and invalid UTF-8 frames to the real server (a tiny random Whisper, so decodes are
 fast but produce words), checks the answers against the same rules and a replay of the frames through a
 session, and checks after every example that the server still serves a well-formed stream. A flood test sends
-thousands of small messages as fast as possible while a second stream must stay responsive.
+thousands of small messages as fast as possible while a second stream must stay responsive. Part three sends
+random frames (speech, random bytes, random and malformed JSON, random settings and events, oversize text) to
+the Deepgram (``/v1/listen``) and OpenAI Realtime (``/v1/realtime``) WebSockets and checks that every answer is
+in that API's own shape and error format, that no close is a server fault, and that the server stays healthy.
 
 Hostile inputs per run (derandomized, so stable; the module prints the exact counts at its end): 1,000 session
 examples with about 42,000 messages and decode completions; 60 server examples (12 for each way of ending)
-with about 1,700 frames, each followed by a health stream; a flood of 5,000 binary and 2,000 text messages.
+with about 1,700 frames, each followed by a health stream; a flood of 5,000 binary and 2,000 text messages;
+40 examples with about 330 frames on the two compatible APIs (it found JSON nested too deep for the parser
+crashing their readers and Wyoming's).
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import json
 import logging
@@ -920,4 +926,96 @@ def test_a_flood_of_small_messages_leaves_another_stream_responsive(tiny_engine:
 
     with running(tiny_engine) as server:
         asyncio.run(both(server))
+    assert not complaints.records, complaints.records
+
+
+# --- part three: the Deepgram and OpenAI Realtime WebSockets ------------------------------------------
+
+DEEPGRAM_QUERY = "/v1/listen?encoding=linear16&sample_rate=16000&channels=1&interim_results=true&utterance_end_ms=1000"
+DEEPGRAM_TYPES = {"Results", "SpeechStarted", "UtteranceEnd", "Metadata", "Error"}
+REALTIME_TYPES = {"session.created", "session.updated", "transcription_session.updated", "input_audio_buffer.cleared",
+                  "input_audio_buffer.speech_started", "input_audio_buffer.speech_stopped",
+                  "input_audio_buffer.committed", "conversation.item.input_audio_transcription.delta",
+                  "conversation.item.input_audio_transcription.completed", "error"}
+API_CLOSES = {1000, TOO_BIG, INVALID_UTF8, 1008}  # never 1011: a fault of the server's own
+SPEECH_PCM = encode(vowel(0.9), "pcm_s16le", 1)
+SETTINGS = st.dictionaries(st.sampled_from(["type", "audio", "input_audio_format", "input_audio_transcription",
+                                            "turn_detection", "include", "model"]), JSON_VALUES, max_size=4)
+REALTIME_EVENT = st.one_of(
+    st.builds(lambda s, flavor: {"type": f"{flavor}.update", "session": s}, SETTINGS | JSON_VALUES,
+              st.sampled_from(["session", "transcription_session"])),
+    st.builds(lambda audio: {"type": "input_audio_buffer.append", "audio": audio},
+              st.one_of(st.integers(0, 2000).map(lambda n: base64.b64encode(SPEECH_PCM[:n]).decode()),
+                        st.text(max_size=20), JSON_VALUES)),
+    st.sampled_from([{"type": "input_audio_buffer.commit"}, {"type": "input_audio_buffer.clear"},
+                     {"type": "response.create"}, {"type": 7}, {}, []]),
+    st.dictionaries(st.text(max_size=8), JSON_VALUES, max_size=3),
+)
+API_FRAME = {
+    "deepgram": st.one_of(
+        st.integers(0, 4000).map(lambda n: SPEECH_PCM[:n]), st.binary(max_size=64),
+        st.sampled_from(['{"type": "KeepAlive"}', '{"type": "Finalize"}', '{"type": "Nope"}', "x", "[]", "null"]),
+        TEXT),
+    "openai": st.one_of(REALTIME_EVENT.map(json.dumps), REALTIME_EVENT.map(json.dumps), TEXT, st.binary(max_size=64),
+                        st.just("y" * (LIMIT + 1))),
+}
+
+
+def check_api_message(api: str, message: Any) -> None:
+    """One server message in the API's own shape; errors in its error format."""
+    assert isinstance(message, dict), message
+    if api == "deepgram":
+        assert message.get("type") in DEEPGRAM_TYPES, message
+        if message["type"] == "Error":
+            assert isinstance(message["description"], str) and isinstance(message["variant"], str), message
+    else:
+        assert message.get("type") in REALTIME_TYPES, message
+        if message["type"] == "error":
+            error = message["error"]
+            assert {"type", "code", "message"} <= set(error) and all(isinstance(error[k], str) for k in
+                                                                     ("type", "code", "message")), message
+
+
+async def hostile_api_stream(port: int, api: str, frames: list[str | bytes], ending: str) -> tuple[list, int | None]:
+    """Send the frames to the API's WebSocket, then end (the API's close message, or a plain close)."""
+    path = DEEPGRAM_QUERY if api == "deepgram" else "/v1/realtime?intent=transcription"
+    replies: list = []
+    async with asyncio.timeout(60), connect(f"ws://127.0.0.1:{port}{path}", max_size=None) as ws:
+        receiver = asyncio.create_task(receive_until_closed(ws, replies))
+        with contextlib.suppress(ConnectionClosed):
+            for frame in frames:
+                await ws.send(frame)
+            if ending == "api":
+                await ws.send(json.dumps({"type": "CloseStream" if api == "deepgram" else "input_audio_buffer.commit"}))
+                if api == "openai":
+                    await asyncio.sleep(0.5)  # a Realtime session has no end message: let its last events come
+                    await ws.close()
+            else:
+                await ws.close()
+        await receiver
+    return replies, ws.close_code
+
+
+# 2 APIs x 2 endings x 10 examples of 3 to 20 frames, each followed by a health stream of our own protocol.
+@pytest.mark.parametrize("api", ["deepgram", "openai"])
+@pytest.mark.parametrize("ending", ["api", "close"])
+@settings(max_examples=10, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+@given(data=st.data())
+def test_random_frames_on_the_compatible_apis_get_answers_in_their_format(server: Server, complaints: Complaints,
+                                                                          api: str, ending: str, data) -> None:
+    frames = data.draw(st.lists(API_FRAME[api], min_size=3, max_size=20))
+    COUNTS[f"{api} frames"] += len(frames)
+
+    async def example() -> None:
+        replies, close_code = await hostile_api_stream(server.port, api, frames, ending)
+        for message in replies:
+            check_api_message(api, message)
+        assert close_code in API_CLOSES, (close_code, replies[-3:])
+        if api == "deepgram" and ending == "api" and close_code == 1000:
+            assert replies and replies[-1]["type"] == "Metadata", replies[-3:]
+        await wait_idle(server.port)
+        await healthy_stream(server.url)
+        await wait_idle(server.port)
+
+    asyncio.run(example())
     assert not complaints.records, complaints.records

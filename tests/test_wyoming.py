@@ -248,6 +248,7 @@ async def test_a_command_counts_as_a_stream_and_streams_its_transcript(tiny_engi
 @pytest.mark.parametrize("raw, code", [
     (b"this is not json\n", "bad_event"),
     (b'["describe"]\n', "bad_event"),
+    (b"[" * 20_000 + b"\n", "bad_event"),  # nesting too deep for the JSON parser
     (b'{"type": "describe", "data_length": 5}\nabcde', "bad_event"),
     (b'{"type": "audio-chunk", "data": {"rate": 16000, "width": 2, "channels": 1}, "payload_length": 8193}\n',
      "frame_too_large"),

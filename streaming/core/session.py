@@ -133,6 +133,15 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
+def load_json(text: str | bytes) -> Any:
+    """A client's JSON, as every wire protocol reads it: ValueError for anything that is not valid JSON,
+    NaN and Infinity included, and for nesting too deep to parse."""
+    try:
+        return json.loads(text, parse_constant=_reject_constant)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+
+
 @dataclass(frozen=True)
 class _Settings:
     decoder: PcmDecoder
@@ -230,8 +239,8 @@ class Session:
         if len(text) * 4 > self.max_message_bytes and len(text.encode()) > self.max_message_bytes:
             return self._fail(self._too_large(len(text.encode())))
         try:
-            message = json.loads(text, parse_constant=_reject_constant)
-        except (ValueError, RecursionError) as exc:
+            message = load_json(text)
+        except ValueError as exc:
             return self._error("bad_json", f"text message is not valid JSON ({exc}); send one JSON object")
         if not isinstance(message, dict) or not isinstance(message.get("type"), str):
             return self._error("bad_json", 'a text message must be a JSON object with a string "type" field, '
