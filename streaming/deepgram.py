@@ -57,6 +57,14 @@ def parse_query(query: dict[str, list[str]]) -> dict[str, Any]:
                              "interim_results": _flag(query, "interim_results")}
     language = value.get("language", "en")
     start["language"] = None if language == "multi" else language.split("-")[0].lower()
+    if _flag(query, "diarize"):
+        start["diarize"] = True  # words then carry ``speaker``; a server without the speaker encoder refuses
+    # Key terms (Nova-3's ``keyterm``, older models' ``keywords`` with an optional ":boost") prime spelling and
+    # vocabulary as our prompt does.
+    terms = [term.rsplit(":", 1)[0] if name == "keywords" else term
+             for name in ("keyterm", "keywords") for term in query.get(name, [])]
+    if terms := [term.strip() for term in terms if term.strip()]:
+        start["prompt"] = ", ".join(terms)
     endpointing = value.get("endpointing")
     if endpointing is not None and endpointing.lower() != "false":
         if not re.fullmatch(r"\d{1,5}", endpointing):
@@ -167,8 +175,11 @@ class DeepgramCodec(Codec):
 
 def word(w: dict[str, Any]) -> dict[str, Any]:
     """Deepgram's word object for a native one (:func:`streaming.core.events.word_dict`)."""
-    return {"word": _plain(w["word"]), "start": w["start"], "end": w["end"], "confidence": w["probability"],
-            "punctuated_word": w["word"].strip()}
+    out = {"word": _plain(w["word"]), "start": w["start"], "end": w["end"], "confidence": w["probability"],
+           "punctuated_word": w["word"].strip()}
+    if "speaker" in w:  # diarize=true
+        out["speaker"] = w["speaker"]
+    return out
 
 
 def confidence(words: list[dict[str, Any]]) -> float:

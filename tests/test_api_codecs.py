@@ -21,7 +21,10 @@ def test_deepgram_parameters_become_a_native_start() -> None:
     for bad in ({"encoding": ["mulaw"]}, {"sample_rate": ["-1"]}, {"punctuate": ["yes"]}, {"endpointing": ["x"]}):
         with pytest.raises(BadQuery):
             parse_query(bad)
+    terms = parse_query({"keyterm": ["Kennedy", " "], "keywords": ["Beckett:2", "snoring:-1.5"], "diarize": ["true"]})
+    assert terms["prompt"] == "Kennedy, Beckett, snoring" and terms["diarize"] is True
     assert check_query(ENGLISH, {"language": ["es"]})[0] == 400  # the session's own check
+    assert check_query(ENGLISH, {"keyterm": ["x" * 2001]})[0] == 400
     assert check_query(ENGLISH, {"sample_rate": ["8000"]}) is None
 
 
@@ -37,6 +40,8 @@ def test_deepgram_marks_the_last_final_of_an_utterance_speech_final() -> None:
     assert result["is_final"] and result["speech_final"] and alternative["transcript"] == "Hello,"
     assert alternative["words"] == [{"word": "hello", "start": 0.5, "end": 0.9,
                                                                "confidence": 0.8, "punctuated_word": "Hello,"}]
+    labelled = codec.encode({**batch[0].message, "words": [{**word, "speaker": 1}], "speaker": 1})
+    assert labelled[0]["channel"]["alternatives"][0]["words"][0]["speaker"] == 1
 
 
 def test_realtime_settings_and_the_events_of_one_utterance() -> None:
