@@ -14,6 +14,7 @@ from aiohttp import web
 
 from . import deepgram
 from .core.events import word_dict
+from .core.speakers import SPEAKER_ENCODER_INSTALL
 from .engine.transcribe import Segment, TranscribeOptions, Transcript
 from .jobs import JobError, admitted, check_length, check_options, read_capped
 
@@ -52,6 +53,10 @@ def parse_query(server: Server, query: dict[str, str]) -> TranscribeOptions:
     problem = check_options(server.info, language, "transcribe", None)
     if problem:
         raise JobError(400, "INVALID_QUERY_PARAMETER", problem)
+    if _flag(query, "diarize") and not server.info.speakers:
+        raise JobError(400, "INVALID_QUERY_PARAMETER", "diarize needs the speaker encoder, which this server does "
+                                                       f"not have; install it on the server with: "
+                                                       f"{SPEAKER_ENCODER_INSTALL}")
     return TranscribeOptions(language=language, word_timestamps=True)
 
 
@@ -70,7 +75,7 @@ async def transcribe(server: Server, request: web.Request) -> web.Response:
         body = await read_capped(server, request)
         async with admitted(server, request) as job:
             audio = await job.decode(body, "the request body")
-            transcript = await job.transcribe(audio, options)
+            transcript = await job.transcribe(audio, options, diarize=_flag(query, "diarize"))
     except JobError as exc:
         server.metrics.count_error(exc.code.lower())
         return error(exc.status, exc.message, exc.code if exc.code == "INVALID_QUERY_PARAMETER" else None)
@@ -81,13 +86,15 @@ def _response(server: Server, query: dict[str, str], body: bytes, transcript: Tr
     model = server.info.model
     model_uuid = str(uuid.uuid5(uuid.NAMESPACE_URL, model))
     words = [w for s in transcript.segments for w in _words(s)]
+    for word, speaker in zip(words, transcript.speakers or []):
+        word["speaker"] = speaker
     best = {"transcript": transcript.text, "confidence": deepgram.confidence(words), "words": words}
     channel: dict[str, Any] = {"alternatives": [best]}
     if query.get("language", "") == "multi" or _flag(query, "detect_language"):
         channel["detected_language"] = transcript.language
     results: dict[str, Any] = {"channels": [channel]}
     if _flag(query, "utterances"):
-        results["utterances"] = [_utterance(s) for s in transcript.segments if s.words]
+        results["utterances"] = _utterances(transcript.segments, words)
     metadata = {"transaction_key": "deprecated", "request_id": str(uuid.uuid4()),
                 "sha256": hashlib.sha256(body).hexdigest(),
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime()),
@@ -100,8 +107,20 @@ def _words(segment: Segment) -> list[dict[str, Any]]:
     return [deepgram.word(word_dict(w.word, w.start, w.end, w.probability)) for w in segment.words]
 
 
-def _utterance(segment: Segment) -> dict[str, Any]:
-    words = _words(segment)
-    return {"id": str(uuid.uuid4()), "start": words[0]["start"], "end": words[-1]["end"],
-            "confidence": deepgram.confidence(words), "channel": 0, "transcript": segment.text.strip(),
-            "words": words}
+def _utterances(segments: list[Segment], words: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Deepgram's utterances: the segments, each split where the speaker changes (with diarize)."""
+    out, at = [], 0
+    for segment in segments:
+        own, at = words[at: at + len(segment.words)], at + len(segment.words)
+        while own:
+            speaker = own[0].get("speaker")
+            turn = next((i for i, w in enumerate(own) if w.get("speaker") != speaker), len(own))
+            part, own = own[:turn], own[turn:]
+            text = segment.text.strip() if not own and len(part) == len(segment.words) else \
+                " ".join(w["punctuated_word"] for w in part)
+            utterance = {"id": str(uuid.uuid4()), "start": part[0]["start"], "end": part[-1]["end"],
+                         "confidence": deepgram.confidence(part), "channel": 0, "transcript": text, "words": part}
+            if speaker is not None:
+                utterance["speaker"] = speaker
+            out.append(utterance)
+    return out

@@ -98,12 +98,14 @@ class Job:
         return audio
 
     async def transcribe(self, audio: np.ndarray, options: TranscribeOptions,
-                         on_segment: Callable[[Segment], None] | None = None) -> Transcript:
-        """``audio`` transcribed on the scheduler; ``on_segment`` is called on this event loop."""
+                         on_segment: Callable[[Segment], None] | None = None, diarize: bool = False) -> Transcript:
+        """``audio`` transcribed on the scheduler; ``on_segment`` is called on this event loop; ``diarize``
+        labels every word's speaker."""
         loop = asyncio.get_running_loop()
         relay = None if on_segment is None else (lambda s: loop.call_soon_threadsafe(on_segment, s))
         try:
-            return await self.server.scheduler.submit(TranscribeRequest(audio, options, relay, self.cancelled))
+            return await self.server.scheduler.submit(TranscribeRequest(audio, options, relay, self.cancelled,
+                                                                        diarize=diarize))
         except Exception as exc:
             raise JobError(500, "server_error", f"the transcription failed: {exc} (logged on the server)") from exc
 

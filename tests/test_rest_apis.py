@@ -253,6 +253,24 @@ def test_deepgram_prerecorded_transcribes_a_file(server: Server, clip: tuple[byt
     assert utterances and [w.word for u in utterances for w in u.words] == [w.word for w in best.words]
 
 
+def test_deepgram_prerecorded_labels_the_speakers_of_a_meeting(server: Server, shared_eval: Path) -> None:
+    """The first 21 s of en_meeting: voice A (0.5-6.0 s), voice B (6.8-17.8 s), voice A again (18.7-20.4 s)."""
+    with wave.open(str(shared_eval / "streams" / "en_meeting.wav")) as source:
+        pcm = source.readframes(21 * 16000)
+    response = deepgram_client(server).listen.v1.media.transcribe_file(request=wav(pcm), diarize=True,
+                                                                       utterances=True)
+    words = response.results.channels[0].alternatives[0].words
+    assert words and all(isinstance(w.speaker, int) for w in words)
+
+    def speakers(start: float, end: float) -> set[int]:
+        return {w.speaker for w in words if start <= w.start and w.end <= end}
+
+    first, second, third = speakers(0.0, 6.4), speakers(6.4, 18.2), speakers(18.2, 21.0)
+    assert len(first) == len(second) == 1 and first == third != second, [(w.word, w.speaker) for w in words]
+    for utterance in response.results.utterances:  # split where the speaker changes
+        assert {w.speaker for w in utterance.words} == {utterance.speaker}
+
+
 def test_deepgram_bad_requests_get_deepgram_errors(server: Server, short_mp3: bytes) -> None:
     client = deepgram_client(server)
     for params, status in (({"language": "fr"}, 400), ({"punctuate": "maybe"}, 400), ({"encoding": "linear16"}, 400)):

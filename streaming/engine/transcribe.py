@@ -66,6 +66,7 @@ class TranscribeRequest:
     cancelled: threading.Event | None = None
     final: bool = True
     context: float = 0.0
+    diarize: bool = False  # label every word's speaker (Transcript.speakers); needs word timestamps
 
     def __getstate__(self) -> dict[str, Any]:
         return {k: v for k, v in self.__dict__.items() if k not in ("on_segment", "cancelled")}
@@ -81,7 +82,11 @@ def run_request(engine: Engine, request: TranscribeRequest) -> Transcript:
         if request.cancelled is not None and request.cancelled.is_set():
             raise Cancelled("the transcription was cancelled: its caller is gone")
 
-    return transcribe(engine, request.audio, request.options, progress, on_segment=request.on_segment)
+    transcript = transcribe(engine, request.audio, request.options, progress, on_segment=request.on_segment)
+    if request.diarize:
+        spans = [(w.start, w.end) for s in transcript.segments for w in s.words]
+        transcript.speakers = speaker_labels(engine, request.audio, spans) if spans else []
+    return transcript
 
 
 @dataclass(frozen=True)
@@ -103,6 +108,7 @@ class Transcript:
     language: str
     segments: list[Segment]
     duration: float
+    speakers: list[int] | None = None  # with diarize: the speaker of every word, in order
 
     @property
     def text(self) -> str:
