@@ -23,6 +23,7 @@ import pytest
 import torch
 
 from streaming.audiofile import read_audio
+from streaming.client import stream_audio
 from streaming.engine import Engine
 from streaming.engine.model import ModelDims, Whisper
 from streaming.engine.speaker import SpeakerEncoder, SpeakerModelMissing
@@ -109,6 +110,17 @@ def speech_clip(shared_eval: Path, sample_rate: int) -> tuple[bytes, dict]:
 def word_error_rate(shared_eval: Path, reference: dict, text: str) -> float:
     """The eval scorer's WER of ``text`` against ``reference``."""
     return scorer(shared_eval).score(reference, [{"type": "final", "t": 0.0, "text": text}])["wer"]
+
+
+async def own_protocol_wer(port: int, pcm: bytes, sample_rate: int, reference: dict, shared_eval: Path,
+                           speed: float, start_options: dict | None = None) -> float:
+    """The WER of the same s16le mono PCM streamed through our own protocol to the server on ``port``, in 100 ms
+    chunks at ``speed``: what each compatible API's transcript is held to."""
+    step = 2 * int(sample_rate * 0.1)
+    chunks = [pcm[i:i + step] for i in range(0, len(pcm), step)]
+    options = {"sample_rate": sample_rate, "language": "en", **(start_options or {})}
+    transcript = await stream_audio(f"ws://127.0.0.1:{port}/v1/stream", chunks, speed=speed, start_options=options)
+    return word_error_rate(shared_eval, reference, "".join(f["text"] for f in transcript.finals))
 
 
 def refused_handshake(url: str) -> tuple[int, dict]:

@@ -8,7 +8,7 @@ import re
 from pathlib import Path
 
 import pytest
-from conftest import refused_handshake, speech_clip, word_error_rate
+from conftest import own_protocol_wer, refused_handshake, speech_clip, word_error_rate
 
 from streaming.engine import Engine
 from streaming.server import Server, ServerConfig
@@ -55,6 +55,7 @@ async def test_a_speech_clip_is_transcribed_with_interim_and_final_results(engin
             async with asyncio.timeout(120):
                 messages = [m async for m in socket]
             await sender
+        own = await own_protocol_wer(server.port, pcm, 16000, reference, shared_eval, speed=2)
     kinds = [m.type for m in messages]
     results = [m for m in messages if m.type == "Results"]
     finals = [m for m in results if m.is_final]
@@ -64,8 +65,8 @@ async def test_a_speech_clip_is_transcribed_with_interim_and_final_results(engin
     assert any(m.speech_final for m in finals)
     text = " ".join(m.channel.alternatives[0].transcript for m in finals)
     wer = word_error_rate(shared_eval, reference, text)
-    print(f"Deepgram API: WER {wer:.3f} on the en_prompts head: {text!r}")
-    assert wer <= 0.15, text
+    print(f"Deepgram API: WER {wer:.3f} on the en_prompts head (own protocol: {own:.3f}): {text!r}")
+    assert wer <= 0.15 and wer <= own + 0.01, text
     times = [(m.start, m.start + m.duration) for m in finals]
     assert times == sorted(times) and all(m.metadata.request_id == finals[0].metadata.request_id for m in finals)
     words = [w for m in finals for w in m.channel.alternatives[0].words]
