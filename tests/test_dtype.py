@@ -131,10 +131,14 @@ def test_a_half_stored_float32_weight_gives_float32_products(tiny_model) -> None
     if packed is None:
         pytest.skip("this torch build has no fbgemm (half-stored products run on x86 only)")
     assert isinstance(packed, HalfStored) and pack_weight(weight) is None
+    assert pack_weight(weight + 1e-6, half_stored=True) is None  # float16 would round it: stays float32
     for shape in ((1, 1, 64), (5, 1, 64), (2, 37, 64)):
         x = torch.randn(shape)
         torch.testing.assert_close(linear(x, weight, packed=packed), F.linear(x, weight), atol=1e-5, rtol=1e-5)
     model = copy.deepcopy(tiny_model)  # the fixture is shared: leave it unpacked
+    model.pack()
+    assert model.decoder.packed_logits is None  # random float32 weights: float16 would round them
+    model = model.half().float()  # as Whisper's checkpoints: float16 values
     model.pack()
     assert isinstance(model.decoder.packed_logits, HalfStored)
 

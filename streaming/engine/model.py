@@ -160,8 +160,9 @@ def pack_weight(weight: Tensor, bias: Tensor | None = None, int8: bool = False,
     ``half_stored`` (float32 weights): kept in half precision for fbgemm, whose products read half the
     memory and compute in float32. For the vocabulary projection, a product of one to five rows with an
     80 MB matrix at every token step, memory is the whole cost: on a 2-core AVX2 EPYC it takes 2.6 ms
-    instead of 13 for one row and 3 instead of 26 for five. Whisper's checkpoints are published in float16,
-    so for them nothing is rounded and the logits differ from float32's only in summation order.
+    instead of 13 for one row and 3 instead of 26 for five. Only weights that float16 holds exactly (Whisper's
+    checkpoints are published in float16) are half-stored, so the logits differ from float32's only in
+    summation order; others stay float32.
 
     Else bfloat16 on CPU only: ``weight`` reordered into oneDNN's blocked layout, which oneDNN otherwise
     redoes on every call, making the decoder's one-row products (a token step) up to three times slower;
@@ -179,6 +180,8 @@ def pack_weight(weight: Tensor, bias: Tensor | None = None, int8: bool = False,
     if weight.dtype == torch.float32:
         if not half_stored or "fbgemm" not in torch.backends.quantized.supported_engines:
             return None
+        if not torch.equal(weight.detach().half().float(), weight.detach()):
+            return None  # float16 would round these weights (e.g. dequantized int8 checkpoints): stay exact
         return HalfStored(torch.ops.quantized.linear_prepack_fp16(
             weight.detach(), None if bias is None else bias.detach()))
     if weight.dtype != torch.bfloat16 or not torch.backends.mkldnn.is_available():
